@@ -1,0 +1,10 @@
+"""Built-in backend adapters, installed as ``ensemble_async.backends``.
+
+Each module holds one adapter implementing ``ensemble_async.Backend``:
+
+- ``openai``: any OpenAI-compatible server (vLLM, TGI's /v1, llama.cpp, Ollama, OpenAI)
+- ``tgi``: text-generation-inference's native API
+- ``transformers``: a local model, micro-batched in one worker thread
+
+Import the module you need; nothing heavy is imported here.
+"""

@@ -1,0 +1,1 @@
+"""Protocol-faithful test doubles (aiohttp servers) for the remote adapters."""

@@ -1,0 +1,1 @@
+"""The project's own seed tasks, shipped inside the wheel as ``ensemble_async.seeds``."""
