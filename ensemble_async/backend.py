@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .types import BackendInfo, Completion, GenerationRequest, Health, StreamEvent
 
@@ -77,7 +77,7 @@ class BaseBackend:
 async def gather_n(
     n: int,
     have: list[Completion],
-    one_more: Callable[[int], Awaitable[list[Completion]]],
+    one_more: Callable[[int], Coroutine[Any, Any, list[Completion]]],
 ) -> list[Completion]:
     """Top ``have`` up to ``n`` completions with extra calls, run concurrently.
 
@@ -90,7 +90,9 @@ async def gather_n(
     if missing > 0:
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(one_more(k)) for k in range(missing)]
+                tasks: list[asyncio.Task[list[Completion]]] = [
+                    tg.create_task(one_more(k)) for k in range(missing)
+                ]
         except ExceptionGroup as group:
             # The first failure is the one callers classify (retryable or not).
             raise group.exceptions[0] from None

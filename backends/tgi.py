@@ -1,0 +1,362 @@
+"""Hugging Face text-generation-inference (TGI), spoken in its native protocol.
+
+Facts this adapter relies on (see PROTOCOLS.md):
+
+* TGI rejects ``temperature == 0`` and ``top_p == 1.0``; it samples as soon as any of
+  temperature / top_k / top_p is present.  Greedy requests therefore send
+  ``do_sample: false`` and none of those three; sampled requests send ``do_sample: true``,
+  the temperature, ``top_p`` only below 1 and ``top_k`` when set.
+* TGI ignores ``n``: ``n`` completions are ``n`` concurrent requests (seed, seed+1, ...).
+* ``min_new_tokens`` has no TGI parameter and is dropped.
+* Stop strings are limited (``max_stop_sequences`` in ``/info``, 4 by default); a request
+  with more is refused here, before it is sent.  TGI leaves the matched stop string at
+  the end of ``generated_text``; it is cut off here, as other servers do.
+* ``details: true`` is always sent, for the finish reason and the token counts.
+* ``/generate_stream`` sends ``data:{json}`` events without ``[DONE]``; the last event
+  carries ``generated_text`` and ``details``.  Errors, validation included, arrive as an
+  event ``{"error", "error_type"}`` under HTTP 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+import aiohttp
+
+from ensemble_async.backend import BaseBackend, gather_n
+from ensemble_async.errors import (
+    BackendError,
+    BadRequestError,
+    ContextLengthError,
+    FatalError,
+    MalformedResponseError,
+    OverloadedError,
+    ServerError,
+    error_from_status,
+)
+from ensemble_async.http import HTTPTransport, error_message
+from ensemble_async.secret import Secret
+from ensemble_async.types import (
+    BackendInfo,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Health,
+    StreamEvent,
+    TextDelta,
+)
+
+__all__ = ["TGIBackend"]
+
+_FINISH: dict[str, FinishReason] = {
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+}
+# TGI's validation messages for prompts that do not fit the model.
+_CONTEXT_MESSAGES = ("`inputs` tokens + `max_new_tokens`", "`inputs` must have less than")
+
+
+class TGIBackend(BaseBackend):
+    """A TGI server at ``url`` (e.g. ``http://host:8080``), through ``/generate``.
+
+    ``endpoint="compat"`` uses ``POST /`` instead (same body plus ``stream``).  The
+    aiohttp ``session`` is shared when given (and then left open by ``aclose``).
+    """
+
+    kind = "tgi"
+    health_timeout: float = 10.0
+    """Time limit of /health and /info requests."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        api_key: Secret | str | None = None,
+        api_key_env: str | None = None,
+        timeout: float | None = 600,
+        read_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        endpoint: Literal["generate", "compat"] = "generate",
+    ) -> None:
+        super().__init__(name=name)
+        if api_key is not None and api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        if endpoint not in ("generate", "compat"):
+            raise ValueError(f"endpoint must be 'generate' or 'compat', got {endpoint!r}")
+        key = Secret.from_env(api_key_env) if api_key_env else api_key
+        self._http = HTTPTransport(
+            url,
+            backend=self.name,
+            session=session,
+            api_key=Secret(key) if isinstance(key, str) else key,
+            headers=headers,
+            timeout=timeout,
+            read_timeout=read_timeout,
+        )
+        self._endpoint = endpoint
+        self._info: BackendInfo | None = None
+        self._info_lock = asyncio.Lock()
+        self._no_info = False
+
+    def __repr__(self) -> str:
+        return f"<TGIBackend name={self.name!r} url={self._http.base_url!r}>"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _payload(self, request: GenerationRequest, seed: int | None) -> dict[str, Any]:
+        if request.prompt is None:
+            raise BadRequestError(
+                "TGI's native API takes a prompt, not chat messages "
+                "(use the openai backend on TGI's /v1 for chat)",
+                backend=self.name,
+            )
+        params: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "details": True}
+        if request.greedy:
+            params["do_sample"] = False
+        else:
+            params["do_sample"] = True
+            params["temperature"] = request.temperature
+            if request.top_p < 1.0:
+                params["top_p"] = request.top_p
+            if request.top_k is not None:
+                params["top_k"] = request.top_k
+        if request.stop:
+            params["stop"] = list(request.stop)
+        if seed is not None:
+            params["seed"] = seed
+        params.update(request.extra)
+        return {"inputs": request.prompt, "parameters": params}
+
+    async def _check_stops(self, request: GenerationRequest) -> None:
+        if not request.stop or self._no_info:
+            return
+        try:
+            info = await self.info()
+        except FatalError:
+            self._no_info = True  # no /info here (a proxy?): let the server judge the stops
+            return
+        except BackendError:
+            return  # the request itself will meet the same trouble
+        limit = info.max_stop_sequences
+        if limit is not None and len(request.stop) > limit:
+            raise BadRequestError(
+                f"request has {len(request.stop)} stop strings but this TGI server accepts "
+                f"at most {limit} (its max_stop_sequences)",
+                backend=self.name,
+            )
+
+    def _completion(
+        self, text: Any, details: Any, request: GenerationRequest, started: float
+    ) -> Completion:
+        if not isinstance(text, str) or not isinstance(details, dict):
+            raise MalformedResponseError(
+                "TGI answer lacks generated_text or details", backend=self.name
+            )
+        reason = details.get("finish_reason")
+        if reason == "stop_sequence":
+            text = _cut_stop(text, request.stop)
+        prefill = details.get("prefill")
+        prompt_tokens = details.get("input_length")
+        if prompt_tokens is None and prefill:
+            prompt_tokens = len(prefill)
+        return Completion(
+            text=text,
+            finish_reason=_FINISH.get(str(reason), "unknown"),
+            backend=self.name,
+            latency_s=time.perf_counter() - started,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=details.get("generated_tokens"),
+            model=self._info.model if self._info else None,
+        )
+
+    async def _generate_one(self, request: GenerationRequest, seed: int | None) -> Completion:
+        payload = self._payload(request, seed)
+        started = time.perf_counter()
+        if self._endpoint == "compat":
+            payload["stream"] = False
+        try:
+            data = await self._http.post_json(
+                "/" if self._endpoint == "compat" else "/generate", payload
+            )
+        except BadRequestError as exc:
+            raise _refine(exc) from exc
+        if self._endpoint == "compat" and isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        if not isinstance(data, dict):
+            raise MalformedResponseError("TGI answer is not a JSON object", backend=self.name)
+        return self._completion(data.get("generated_text"), data.get("details"), request, started)
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        await self._check_stops(request)
+        if request.n == 1:
+            return [await self._generate_one(request, request.seed)]
+
+        async def one_more(k: int) -> list[Completion]:
+            seed = None if request.seed is None else request.seed + k
+            return [await self._generate_one(request, seed)]
+
+        try:
+            return await gather_n(request.n, [], one_more)
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        if request.n != 1:
+            raise BadRequestError("streaming needs n == 1", backend=self.name)
+        await self._check_stops(request)
+        payload = self._payload(request, request.seed)
+        if self._endpoint == "compat":
+            payload["stream"] = True
+        path = "/" if self._endpoint == "compat" else "/generate_stream"
+        held = _StopHoldback(request.stop)
+        started = time.perf_counter()
+        try:
+            async for data in self._http.post_sse(path, payload):
+                event = self._http.decode_event(data)
+                if not isinstance(event, dict):
+                    raise MalformedResponseError("stream event is not an object", backend=self.name)
+                if "error" in event:
+                    raise self._stream_error(event)
+                token = event.get("token") or {}
+                if not token.get("special") and isinstance(token.get("text"), str):
+                    piece = held.feed(token["text"])
+                    if piece:
+                        yield TextDelta(piece)
+                if event.get("generated_text") is not None:
+                    done = self._completion(
+                        event["generated_text"], event.get("details"), request, started
+                    )
+                    rest = held.finish(done.text)
+                    if rest:
+                        yield TextDelta(rest)
+                    yield done
+                    return
+        except BadRequestError as exc:
+            raise _refine(exc) from exc
+        raise MalformedResponseError(
+            "stream ended before its final event (truncated)", backend=self.name
+        )
+
+    def _stream_error(self, event: Mapping[str, Any]) -> BackendError:
+        message = f"{event.get('error')} ({event.get('error_type')})"
+        kind = event.get("error_type")
+        if kind == "overloaded":
+            return OverloadedError(message, backend=self.name, status=None)
+        if kind == "validation":
+            return _refine(BadRequestError(message, backend=self.name))
+        return ServerError(message, backend=self.name)
+
+    # -- server facts -----------------------------------------------------------------
+
+    async def info(self) -> BackendInfo:
+        if self._info is not None:
+            return self._info
+        async with self._info_lock:
+            if self._info is None:
+                self._info = await self._fetch_info()
+        return self._info
+
+    async def _fetch_info(self) -> BackendInfo:
+        status, body = await self._http.get("/info", timeout=self.health_timeout)
+        if status != 200:
+            raise error_from_status(status, error_message(body), backend=self.name)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise MalformedResponseError("/info is not a JSON object", backend=self.name)
+        known = (
+            "model_id",
+            "max_concurrent_requests",
+            "max_batch_size",
+            "max_best_of",
+            "max_stop_sequences",
+            "max_input_tokens",
+            "max_total_tokens",
+        )
+        return BackendInfo(
+            name=self.name,
+            kind=self.kind,
+            model=data.get("model_id"),
+            max_concurrency=data.get("max_concurrent_requests"),
+            max_batch_size=data.get("max_batch_size"),
+            max_best_of=data.get("max_best_of"),
+            max_stop_sequences=data.get("max_stop_sequences"),
+            max_input_tokens=data.get("max_input_tokens"),
+            max_total_tokens=data.get("max_total_tokens"),
+            supports_n=False,
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    async def health(self) -> Health:
+        started = time.perf_counter()
+        try:
+            status, body = await self._http.get("/health", timeout=self.health_timeout)
+        except BackendError as exc:
+            return Health(ok=False, latency_s=time.perf_counter() - started, detail=str(exc))
+        elapsed = time.perf_counter() - started
+        if status == 200:
+            return Health(ok=True, latency_s=elapsed)
+        return Health(ok=False, latency_s=elapsed, detail=f"HTTP {status}: {error_message(body)}")
+
+
+def _refine(exc: BadRequestError) -> BadRequestError:
+    """TGI's 'prompt does not fit' validation errors as ContextLengthError."""
+    if not isinstance(exc, ContextLengthError) and any(m in exc.message for m in _CONTEXT_MESSAGES):
+        return ContextLengthError(exc.message, backend=exc.backend, status=exc.status)
+    return exc
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _cut_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (TGI leaves the matched one in)."""
+    cuts = [i for s in stops if (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+class _StopHoldback:
+    """Streams text while holding back what could still turn into a stop string, so that
+    the deltas add up to the final text with the stop string cut off."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._text = ""
+        self._sent = 0
+
+    def feed(self, piece: str) -> str:
+        self._text += piece
+        if not self._stops:
+            self._sent = len(self._text)
+            return piece
+        text, start = self._text, self._sent
+        cuts = [i for s in self._stops if (i := text.find(s, start)) >= 0]
+        if cuts:
+            end = min(cuts)
+        else:
+            hold = max(
+                (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                default=0,
+            )
+            end = len(text) - hold
+        out = text[start:end]
+        self._sent = max(start, end)
+        return out
+
+    def finish(self, final: str) -> str:
+        sent = self._text[: self._sent]
+        return final[len(sent) :] if final.startswith(sent) else ""

@@ -1,0 +1,642 @@
+"""A TGI server double: TGI's native protocol, quirks included, with made-up text.
+
+    async with TGIDouble(latency=0.01) as double:
+        backend = TGIBackend(double.url)
+        double.faults.push(Fault.status(429, retry_after=2))
+        ...
+        assert double.stats.requests == 3
+        assert double.last_body["parameters"]["do_sample"] is False
+
+Text is deterministic: a token is a word from a small vocabulary, drawn from a generator
+seeded by the prompt (greedy) or the prompt and the seed (sampling), so different seeds
+give different text.  Each prompt has a "natural" length after which the EOS token comes.
+Stop strings end the text when it ends with one (TGI leaves the stop string in), and
+``max_new_tokens`` ends it with finish_reason ``length``.  A prompt token is a
+whitespace-separated word.
+
+Validation, error bodies and statuses follow TGI: 422 ``validation`` errors (in streams:
+an error event under HTTP 200), 429 ``overloaded`` beyond ``max_concurrent_requests``,
+plain-text 400/422/415 for bodies that are not the expected JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+from .faults import Fault, FaultKind, FaultPlan
+
+__all__ = ["VOCAB", "DoubleStats", "TGIDouble"]
+
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+)
+VOCAB: tuple[str, ...] = (*(" " + w for w in _WORDS.split(" ")), ".", "\n")
+EOS_ID = len(VOCAB)
+EOS_TEXT = "</s>"
+_IDS = range(EOS_ID)
+_TOKENS: tuple[dict[str, Any], ...] = (
+    *({"id": i, "text": t, "logprob": -0.5, "special": False} for i, t in enumerate(VOCAB)),
+    {"id": EOS_ID, "text": EOS_TEXT, "logprob": -0.01, "special": True},
+)
+_TOKEN_JSON = tuple(json.dumps(t) for t in _TOKENS)
+
+_STATUS_OF_ERROR = {
+    "overloaded": 429,
+    "validation": 422,
+    "generation": 424,
+    "incomplete_generation": 500,
+}
+_FLOATS = ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p")
+_UINTS = ("best_of", "max_new_tokens", "seed", "truncate", "top_n_tokens")
+_BOOLS = ("do_sample", "return_full_text", "watermark", "details", "decoder_input_details")
+_JSON = "application/json"
+
+
+@dataclass
+class DoubleStats:
+    """What the double has seen.  ``requests`` counts generation requests only;
+    ``by_path`` counts every request by path (``/info`` and ``/health`` included)."""
+
+    requests: int = 0
+    by_path: Counter[str] = field(default_factory=Counter)
+    faults: int = 0
+    rejected: int = 0
+    """Requests answered with a validation or overload error."""
+    completed: int = 0
+    active: int = 0
+    max_active: int = 0
+
+
+class _Invalid(Exception):
+    def __init__(self, message: str, error_type: str = "validation") -> None:
+        if error_type == "validation":
+            message = f"Input validation error: {message}"
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+@dataclass(slots=True)
+class _Generation:
+    text: str
+    ids: list[int]
+    finish_reason: str
+    seed: int | None
+    input_length: int
+
+
+class TGIDouble:
+    """An aiohttp server that answers like TGI.  ``start()`` returns its base URL."""
+
+    def __init__(
+        self,
+        *,
+        model_id: str = "double/tgi-model",
+        latency: float = 0.0,
+        token_latency: float = 0.0,
+        max_concurrent_requests: int = 128,
+        max_best_of: int = 2,
+        max_stop_sequences: int = 4,
+        max_input_tokens: int = 4095,
+        max_total_tokens: int = 4096,
+        natural_tokens: tuple[int, int] = (8, 40),
+        sse_space: bool = False,
+        keepalive: bool = False,
+        faults: FaultPlan | None = None,
+        record: int = 256,
+        seed: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.model_id = model_id
+        self.latency = latency
+        """Service time of each generation request, in seconds."""
+        self.token_latency = token_latency
+        """Delay between streamed tokens, in seconds."""
+        self.max_concurrent_requests = max_concurrent_requests
+        self.max_best_of = max_best_of
+        self.max_stop_sequences = max_stop_sequences
+        self.max_input_tokens = max_input_tokens
+        self.max_total_tokens = max_total_tokens
+        self.natural_tokens = natural_tokens
+        self.sse_space = sse_space
+        """Write ``data: `` with a space (TGI writes none)."""
+        self.keepalive = keepalive
+        """Write a ``:`` keep-alive comment before each stream event."""
+        self.faults = faults or FaultPlan()
+        self.healthy = True
+        self.last_authorization: str | None = None
+        """The Authorization header of the latest generation request."""
+        self.stats = DoubleStats()
+        self.received: deque[dict[str, Any]] = deque(maxlen=record)
+        """The latest generation request bodies (parsed JSON), oldest first."""
+        self._host = host
+        self._rng = random.Random(seed)
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._active_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.url = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> str:
+        self._stopping.clear()
+        app = web.Application()
+        app.router.add_post("/generate", self._generate)
+        app.router.add_post("/generate_stream", self._generate_stream)
+        app.router.add_post("/", self._compat)
+        app.router.add_get("/info", self._info)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, 0))
+        await web.SockSite(self._runner, sock).start()
+        self.url = f"http://{self._host}:{sock.getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def wait_active(self, count: int = 1) -> None:
+        """Return once at least ``count`` generation requests are being served at once
+        (past validation, inside their service time)."""
+        if self.stats.active >= count:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._active_waiters.append((count, future))
+        await future
+
+    def _wake_active(self) -> None:
+        waiting = []
+        for count, future in self._active_waiters:
+            if self.stats.active >= count:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((count, future))
+        self._active_waiters = waiting
+
+    @property
+    def last_body(self) -> dict[str, Any]:
+        """The body of the latest generation request."""
+        return self.received[-1]
+
+    # -- text -------------------------------------------------------------------------
+
+    def complete(self, inputs: str, parameters: dict[str, Any] | None = None) -> tuple[str, str]:
+        """(generated_text, finish_reason) the double gives for a valid request."""
+        gen = self._produce(inputs, parameters or {}, _is_sampling(parameters or {}))
+        return gen.text, gen.finish_reason
+
+    def _produce(
+        self, inputs: str, params: dict[str, Any], sampling: bool, seed: int | None = None
+    ) -> _Generation:
+        input_length = len(inputs.split())
+        if params.get("truncate"):
+            input_length = min(input_length, params["truncate"])
+        max_new = params.get("max_new_tokens")
+        if max_new is None:
+            max_new = max(1, self.max_total_tokens - input_length)
+        if sampling:
+            seed = params.get("seed") if seed is None else seed
+            if seed is None:
+                seed = self._rng.getrandbits(63)
+            rng = random.Random(f"{seed}\x00{inputs}")
+        else:
+            seed = None
+            rng = random.Random(inputs)
+        natural = rng.randint(*self.natural_tokens)
+        ids = rng.choices(_IDS, k=min(natural, max_new))
+        stops = params.get("stop")
+        finish = "length"
+        if stops:
+            text = ""
+            for i, tid in enumerate(ids):
+                text += VOCAB[tid]
+                if any(text.endswith(s) for s in stops):
+                    del ids[i + 1 :]
+                    finish = "stop_sequence"
+                    break
+        else:
+            text = "".join([VOCAB[t] for t in ids])
+        if finish == "length" and natural < max_new:
+            ids.append(EOS_ID)
+            finish = "eos_token"
+        if params.get("return_full_text"):
+            text = inputs + text
+        return _Generation(text, ids, finish, seed, input_length)
+
+    def _details(self, gen: _Generation, params: dict[str, Any]) -> dict[str, Any]:
+        prefill: list[dict[str, Any]] = []
+        if params.get("decoder_input_details"):
+            prefill = [{"id": 0, "text": "<s>", "logprob": None}] + [
+                {"id": i, "text": " w", "logprob": -1.0} for i in range(1, gen.input_length)
+            ]
+        return {
+            "finish_reason": gen.finish_reason,
+            "generated_tokens": len(gen.ids),
+            "seed": gen.seed,
+            "prefill": prefill,
+            "tokens": [_TOKENS[t] for t in gen.ids],
+        }
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validate(self, body: dict[str, Any], *, stream: bool) -> tuple[str, dict[str, Any]]:
+        inputs = body["inputs"]
+        params = body.get("parameters") or {}
+        sampling = _is_sampling(params)
+        best_of = params.get("best_of")
+        best_of = 1 if best_of is None else best_of
+        if not 0 < best_of <= self.max_best_of:
+            raise _Invalid(f"`best_of` must be > 0 and <= {self.max_best_of}. Given: {best_of}")
+        if best_of > 1:
+            if stream:
+                raise _Invalid("`best_of` != 1 is not supported when streaming tokens")
+            if not sampling:
+                raise _Invalid("you must use sampling when `best_of` is > 1")
+            if params.get("seed") is not None:
+                raise _Invalid("`seed` must not be set when `best_of` > 1")
+        temperature = params.get("temperature")
+        if temperature is not None and temperature <= 0:
+            raise _Invalid("`temperature` must be strictly positive")
+        penalty = params.get("repetition_penalty")
+        if penalty is not None and penalty <= 0:
+            raise _Invalid("`repetition_penalty` must be strictly positive")
+        for name in ("top_p", "typical_p"):
+            value = params.get(name)
+            if value is not None and not 0 < value < 1:
+                raise _Invalid(f"`{name}` must be > 0.0 and < 1.0")
+        top_k = params.get("top_k")
+        if top_k is not None and top_k <= 0:
+            raise _Invalid("`top_k` must be strictly positive")
+        if params.get("max_new_tokens") == 0:
+            raise _Invalid("`max_new_tokens` must be strictly positive")
+        stops = params.get("stop") or []
+        if len(stops) > self.max_stop_sequences:
+            raise _Invalid(
+                f"`stop` supports up to {self.max_stop_sequences} stop sequences. "
+                f"Given: {len(stops)}"
+            )
+        if stream and params.get("decoder_input_details"):
+            raise _Invalid("`decoder_input_details` == true is not supported when streaming tokens")
+        if not inputs:
+            raise _Invalid("`inputs` cannot be empty")
+        n_in = len(inputs.split())
+        if params.get("truncate"):
+            n_in = min(n_in, params["truncate"])
+        if n_in > self.max_input_tokens:
+            raise _Invalid(
+                f"`inputs` must have less than {self.max_input_tokens} tokens. Given: {n_in}"
+            )
+        max_new = params.get("max_new_tokens")
+        if max_new is not None and n_in + max_new > self.max_total_tokens:
+            raise _Invalid(
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
+                f"Given: {n_in} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
+        return inputs, params
+
+    # -- handlers ---------------------------------------------------------------------
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, stream=False, compat=False)
+
+    async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, stream=True, compat=False)
+
+    async def _compat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, stream=None, compat=True)
+
+    async def _info(self, request: web.Request) -> web.Response:
+        self.stats.by_path[request.path] += 1
+        info = {
+            "model_id": self.model_id,
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_best_of": self.max_best_of,
+            "max_stop_sequences": self.max_stop_sequences,
+            "max_input_tokens": self.max_input_tokens,
+            "max_total_tokens": self.max_total_tokens,
+            "validation_workers": 2,
+            "max_client_batch_size": 4,
+            "router": "text-generation-router",
+            "version": "3.3.4-double",
+            "sha": None,
+            "docker_label": None,
+        }
+        return web.Response(body=json.dumps(info).encode(), content_type=_JSON)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.stats.by_path[request.path] += 1
+        if self.healthy:
+            return web.Response(status=200)
+        body = json.dumps({"error": "unhealthy", "error_type": "healthcheck"})
+        return web.Response(status=503, body=body.encode(), content_type=_JSON)
+
+    async def _serve(
+        self, request: web.Request, *, stream: bool | None, compat: bool
+    ) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.by_path[request.path] += 1
+        self.last_authorization = request.headers.get("Authorization")
+        if request.content_type != _JSON:
+            return _plain(415, "Expected request with `Content-Type: application/json`")
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _plain(400, f"Failed to parse the request body as JSON: {exc}")
+        problem = _schema_problem(body, compat)
+        if problem:
+            problem = f"Failed to deserialize the JSON body into the target type: {problem}"
+            return _plain(422, problem)
+        self.received.append(body)
+        if stream is None:
+            stream = body.get("stream") is True
+        fault = self.faults.next()
+        if fault is not None:
+            stats.faults += 1
+            return await self._act(fault, request, stream=stream)
+        if stats.active >= self.max_concurrent_requests:
+            stats.rejected += 1
+            return await self._error(
+                request, _Invalid("Model is overloaded", "overloaded"), stream=stream
+            )
+        try:
+            inputs, params = self._validate(body, stream=stream)
+        except _Invalid as exc:
+            stats.rejected += 1
+            return await self._error(request, exc, stream=stream)
+        stats.active += 1
+        stats.max_active = max(stats.max_active, stats.active)
+        if self._active_waiters:
+            self._wake_active()
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            if stream:
+                return await self._stream(request, inputs, params)
+            return self._answer(inputs, params, compat)
+        finally:
+            stats.active -= 1
+            stats.completed += 1
+
+    def _answer(self, inputs: str, params: dict[str, Any], compat: bool) -> web.Response:
+        sampling = _is_sampling(params)
+        gen = self._produce(inputs, params, sampling)
+        best_of = params.get("best_of") or 1
+        if best_of == 1 and not params.get("decoder_input_details"):  # the fast, common case
+            text = _fast_answer(gen, bool(params.get("details")))
+            return web.Response(body=(f"[{text}]" if compat else text).encode(), content_type=_JSON)
+        out: dict[str, Any] = {"generated_text": gen.text}
+        if params.get("details"):
+            details = self._details(gen, params)
+            if best_of > 1:
+                details["best_of_sequences"] = [
+                    {
+                        "generated_text": other.text,
+                        "finish_reason": other.finish_reason,
+                        "generated_tokens": len(other.ids),
+                        "seed": other.seed,
+                        "prefill": [],
+                        "tokens": [_TOKENS[t] for t in other.ids],
+                    }
+                    for other in (
+                        self._produce(inputs, params, sampling, self._rng.getrandbits(63))
+                        for _ in range(best_of - 1)
+                    )
+                ]
+            out["details"] = details
+        payload = [out] if compat else out
+        return web.Response(body=json.dumps(payload).encode(), content_type=_JSON)
+
+    def _events(self, inputs: str, params: dict[str, Any]) -> list[bytes]:
+        gen = self._produce(inputs, params, _is_sampling(params))
+        head = self._sse_head()
+        events = [
+            f'{head}{{"index": {i}, "token": {_TOKEN_JSON[tid]}, '
+            f'"generated_text": null, "details": null}}\n\n'.encode()
+            for i, tid in enumerate(gen.ids[:-1], start=1)
+        ]
+        final: dict[str, Any] = {
+            "index": len(gen.ids),
+            "token": _TOKENS[gen.ids[-1]],
+            "generated_text": gen.text,
+            "details": None,
+        }
+        if params.get("details"):
+            final["details"] = {
+                "finish_reason": gen.finish_reason,
+                "generated_tokens": len(gen.ids),
+                "seed": gen.seed,
+                "input_length": gen.input_length,
+            }
+        events.append(self._sse(final))
+        return events
+
+    def _sse_head(self) -> str:
+        return (":\n\n" if self.keepalive else "") + ("data: " if self.sse_space else "data:")
+
+    def _sse(self, event: dict[str, Any]) -> bytes:
+        return f"{self._sse_head()}{json.dumps(event)}\n\n".encode()
+
+    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        return resp
+
+    async def _stream(
+        self, request: web.Request, inputs: str, params: dict[str, Any]
+    ) -> web.StreamResponse:
+        events = self._events(inputs, params)
+        resp = await self._open_stream(request)
+        if self.token_latency > 0:
+            for i, event in enumerate(events):
+                if i:
+                    await asyncio.sleep(self.token_latency)
+                await resp.write(event)
+        else:
+            await resp.write(b"".join(events))
+        await resp.write_eof()
+        return resp
+
+    async def _error(
+        self, request: web.Request, exc: _Invalid, *, stream: bool
+    ) -> web.StreamResponse:
+        if stream:  # TGI reports these inside the stream, under HTTP 200
+            resp = await self._open_stream(request)
+            await resp.write(self._sse({"error": exc.message, "error_type": exc.error_type}))
+            await resp.write_eof()
+            return resp
+        return _tgi_error(_STATUS_OF_ERROR[exc.error_type], exc.message, exc.error_type)
+
+    # -- faults -----------------------------------------------------------------------
+
+    async def _act(self, fault: Fault, request: web.Request, *, stream: bool) -> web.StreamResponse:
+        kind = fault.kind
+        if kind is FaultKind.STATUS:
+            headers = {}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = _header(fault.retry_after)
+            if fault.body is None:
+                answer = _tgi_error(fault.code, fault.message, fault.error_type)
+                answer.headers.update(headers)
+                return answer
+            ctype = _JSON if fault.body.lstrip().startswith(("{", "[")) else "text/plain"
+            return web.Response(
+                status=fault.code, body=fault.body.encode(), content_type=ctype, headers=headers
+            )
+        if kind is FaultKind.HANG:
+            await self._stopping.wait()
+            kind = FaultKind.RESET
+        if kind is FaultKind.RESET:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)  # never reaches the client
+        sample = self._events(_sample_inputs(request), {"max_new_tokens": 6, "details": True})
+        if kind is FaultKind.STREAM_ERROR:
+            if not stream:
+                return _tgi_error(
+                    _STATUS_OF_ERROR.get(fault.error_type, 424), fault.message, fault.error_type
+                )
+            resp = await self._open_stream(request)
+            error = {"error": fault.message, "error_type": fault.error_type}
+            await resp.write(sample[0] + self._sse(error))
+            await resp.write_eof()
+            return resp
+        if kind is FaultKind.EMPTY:
+            if not stream:
+                return web.Response(status=200, body=b"", content_type=_JSON)
+            resp = await self._open_stream(request)
+            await resp.write_eof()
+            return resp
+        if kind is FaultKind.MALFORMED:
+            if not stream:
+                return web.Response(status=200, body=b'{"generated_text": "un', content_type=_JSON)
+            resp = await self._open_stream(request)
+            await resp.write(sample[0] + b'data:{"index": 2, "token": {"id"\n\n')
+            await resp.write_eof()
+            return resp
+        # TRUNCATE
+        if stream:  # a clean end of the stream, but without its final event
+            resp = await self._open_stream(request)
+            await resp.write(b"".join(sample[: len(sample) // 2]))
+            await resp.write_eof()
+            return resp
+        full = json.dumps({"generated_text": " cut short", "details": None}).encode()
+        resp = web.StreamResponse(headers={"Content-Type": _JSON})
+        resp.content_length = len(full)
+        await resp.prepare(request)
+        await resp.write(full[: len(full) // 2])
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+
+
+def _fast_answer(gen: _Generation, details: bool) -> str:
+    """The /generate answer, encoded by hand from pre-encoded tokens."""
+    text = json.dumps(gen.text)
+    if not details:
+        return f'{{"generated_text": {text}}}'
+    tokens = ", ".join([_TOKEN_JSON[t] for t in gen.ids])
+    seed = "null" if gen.seed is None else gen.seed
+    return (
+        f'{{"generated_text": {text}, "details": {{"finish_reason": "{gen.finish_reason}", '
+        f'"generated_tokens": {len(gen.ids)}, "seed": {seed}, "prefill": [], '
+        f'"tokens": [{tokens}]}}}}'
+    )
+
+
+def _is_sampling(params: dict[str, Any]) -> bool:
+    """TGI samples when asked to, or when any sampling warper is present."""
+    temperature = params.get("temperature")
+    return bool(
+        params.get("do_sample")
+        or (temperature is not None and temperature != 1.0)
+        or params.get("top_k") is not None
+        or params.get("top_p") is not None
+        or params.get("typical_p") is not None
+    )
+
+
+def _schema_problem(body: Any, compat: bool) -> str | None:
+    """What keeps ``body`` from deserializing as TGI's request type, or None."""
+    if not isinstance(body, dict):
+        return "expected a JSON object"
+    if not isinstance(body.get("inputs"), str):
+        return "inputs: missing field or not a string"
+    params = body.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        return "parameters: expected a JSON object"
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key in _FLOATS and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"parameters.{key}: expected a number"
+        if key in _UINTS and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"parameters.{key}: expected an unsigned integer"
+        if key == "top_k" and (isinstance(value, bool) or not isinstance(value, int)):
+            return "parameters.top_k: expected an integer"
+        if key in _BOOLS and not isinstance(value, bool):
+            return f"parameters.{key}: expected a boolean"
+        if key == "stop" and (
+            not isinstance(value, list) or not all(isinstance(s, str) for s in value)
+        ):
+            return "parameters.stop: expected a list of strings"
+    if compat and not isinstance(body.get("stream", False), bool):
+        return "stream: expected a boolean"
+    return None
+
+
+def _sample_inputs(request: web.Request) -> str:
+    return f"fault {request.path}"
+
+
+def _header(value: float | str) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _plain(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain")
+
+
+def _tgi_error(status: int, message: str, error_type: str) -> web.Response:
+    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    return web.Response(status=status, body=body, content_type=_JSON)
