@@ -387,7 +387,7 @@ class OpenAIBackend(BaseBackend):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.n != 1:
-            raise ValueError(f"stream() needs n == 1, got n={request.n}")
+            raise BadRequestError(f"stream() needs n == 1, got n={request.n}", backend=self.name)
         chat = self._chat(request)
         model = await self._model_id()
         body, vendor = build_payload(request, model, chat=chat, stream=True)

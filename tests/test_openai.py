@@ -199,7 +199,7 @@ async def test_stream_deltas_make_the_final_text(
 
 async def test_stream_needs_n_1(double: OpenAIDouble) -> None:
     async with OpenAIBackend(double.url) as backend:
-        with pytest.raises(ValueError, match="n == 1"):
+        with pytest.raises(errors.BadRequestError, match="n == 1"):
             await _collect(backend, GenerationRequest(prompt=PROMPT, n=2))
 
 
