@@ -1,0 +1,184 @@
+"""Retries: the one place where a failed request is tried again (built on tenacity).
+
+``RetryPolicy.run(fn)`` calls ``fn`` until it succeeds, raises an error that a retry
+cannot help (anything that is not a ``RetryableError``: a ``FatalError``, a cancellation,
+a bug), or the policy gives up; then the last real error propagates as itself.
+
+Waits: exponential backoff ``initial_backoff_s * 2**(k-1)`` capped at ``max_backoff_s``,
+with ``jitter`` (0 = none, 1 = "full jitter": uniform in (0, backoff]).  A server's
+``Retry-After`` (``RateLimitedError``/``OverloadedError.retry_after``) is a floor:
+wait = max(backoff, retry_after).
+
+Bounds: at most ``max_attempts`` attempts, and no retry starts after ``max_total_s``
+seconds from the first attempt: a wait is cut to the time left, and when the server's
+Retry-After alone exceeds the time left the policy gives up at once.  Each attempt can
+have its own limit (``attempt_timeout_s``; see ``attempt_timeout``), which turns into a
+retryable ``RequestTimeoutError``.  ``max_total_s`` does not cut a running attempt short.
+
+``sleep``, ``clock`` and ``rng`` are injectable so tests run without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from .errors import OverloadedError, RateLimitedError, RequestTimeoutError, RetryableError
+
+__all__ = ["RetryEvent", "RetryPolicy", "attempt_timeout", "is_retryable", "retry_after_of"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Only ``RetryableError`` subclasses are retried (never ``FatalError`` or others)."""
+    return isinstance(exc, RetryableError) and exc.retryable
+
+
+def retry_after_of(exc: BaseException | None) -> float | None:
+    """The server's Retry-After, in seconds, if the error carries one."""
+    if isinstance(exc, RateLimitedError | OverloadedError):
+        return exc.retry_after
+    return None
+
+
+@asynccontextmanager
+async def attempt_timeout(
+    seconds: float | None, *, backend: str | None = None
+) -> AsyncIterator[None]:
+    """``asyncio.timeout`` whose own expiry raises a retryable ``RequestTimeoutError``.
+
+    A ``TimeoutError`` raised inside the block for another reason passes unchanged.
+    """
+    if seconds is None:
+        yield
+        return
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            yield
+    except TimeoutError as exc:
+        if scope.expired():
+            raise RequestTimeoutError(
+                f"attempt timed out after {seconds:g}s", backend=backend
+            ) from exc
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class RetryEvent:
+    """Reported to ``on_retry`` before each wait: attempt ``attempt`` failed with
+    ``error`` and the next attempt starts in ``wait_s`` seconds."""
+
+    attempt: int
+    error: BaseException
+    wait_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How often and how patiently to retry; immutable and shareable between members."""
+
+    max_attempts: int = 5
+    max_total_s: float = 120.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    jitter: float = 1.0
+    attempt_timeout_s: float | None = None
+    sleep: Callable[[float], Awaitable[Any]] = field(
+        default=asyncio.sleep, repr=False, compare=False
+    )
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_total_s < 0:
+            raise ValueError(f"max_total_s must be >= 0, got {self.max_total_s}")
+        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.attempt_timeout_s is not None and not self.attempt_timeout_s > 0:
+            raise ValueError(f"attempt_timeout_s must be > 0, got {self.attempt_timeout_s}")
+
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        """One attempt, no retries."""
+        return cls(max_attempts=1)
+
+    def backoff(self, attempt: int) -> float:
+        """The jittered backoff after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** (attempt - 1))
+        return base * (1.0 - self.jitter * self.rng.random())
+
+    async def run(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        on_retry: Callable[[RetryEvent], object] | None = None,
+        attempt_timeout_s: float | None = None,
+    ) -> T:
+        """Call ``fn`` until it succeeds or the policy gives up (then its error propagates).
+
+        Each call of ``fn`` runs under ``attempt_timeout_s`` (None: the policy's).
+        Callers that must time only part of an attempt run a copy of the policy without
+        a timeout and use ``attempt_timeout`` themselves (``Member`` times the backend
+        call, not the wait for a slot).  ``on_retry`` is called before each wait.
+        """
+        timeout = attempt_timeout_s if attempt_timeout_s is not None else self.attempt_timeout_s
+        deadline = self.clock() + self.max_total_s
+
+        def stop(state: RetryCallState) -> bool:
+            if state.attempt_number >= self.max_attempts:
+                return True
+            remaining = deadline - self.clock()
+            after = retry_after_of(_error(state))
+            return remaining <= 0 or (after is not None and after > remaining)
+
+        def wait(state: RetryCallState) -> float:
+            backoff = max(self.backoff(state.attempt_number), retry_after_of(_error(state)) or 0)
+            return max(0.0, min(backoff, deadline - self.clock()))
+
+        def before_sleep(state: RetryCallState) -> None:
+            event = RetryEvent(state.attempt_number, _error(state), state.upcoming_sleep)
+            log.debug(
+                "retrying in %.2fs after attempt %d: %r", event.wait_s, event.attempt, event.error
+            )
+            if on_retry is not None:
+                on_retry(event)
+
+        async def attempt() -> T:
+            return await _timed(fn, timeout)
+
+        retrying = AsyncRetrying(
+            sleep=self.sleep,
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception(is_retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return cast(T, await retrying(attempt))
+
+
+def _error(state: RetryCallState) -> BaseException:
+    assert state.outcome is not None
+    exc = state.outcome.exception()
+    assert exc is not None
+    return exc
+
+
+async def _timed(fn: Callable[[], Awaitable[T]], seconds: float | None) -> T:
+    async with attempt_timeout(seconds):
+        return await fn()
