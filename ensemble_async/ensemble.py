@@ -1,0 +1,366 @@
+"""The ensemble: one item fanned out to every member, candidates streaming into an
+incremental consensus selector, stragglers cancelled once the decision is final.
+
+    async with Ensemble([tgi, vllm, local]) as ens:
+        result = await ens.run("Name three prime numbers.")
+        async for result in ens.map(prompts):          # results stream as items finish
+            ...
+
+Admission, retries and the circuit breaker live in ``Member``; consensus lives in
+``consensus``; this module only orchestrates.  ``map`` reads its input lazily: at most
+``max_items_in_flight`` items are running or waiting to be taken by the consumer, so
+memory does not grow with the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self, TypeAlias
+
+from .admission import GlobalLimit
+from .backend import Backend
+from .breaker import CircuitOpenError
+from .consensus import Decision, IncrementalSelector, Policy, Similarity
+from .errors import BackendError
+from .member import Member
+from .retry import RetryPolicy
+from .types import Completion, GenerationRequest
+
+__all__ = ["Candidate", "Ensemble", "EnsembleResult", "Item"]
+
+Item: TypeAlias = str | GenerationRequest | Sequence[GenerationRequest]
+"""A prompt, one request for every member, or one request per member (in member order)."""
+
+CandidateStatus = Literal["ok", "given", "failed", "circuit_open", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One member's contribution to an item (or a candidate given by the caller)."""
+
+    index: int
+    source: str
+    status: CandidateStatus
+    completion: Completion | None = None
+    text: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "source": self.source,
+            "status": self.status,
+            "text": self.text,
+            "error": self.error,
+            "finish_reason": None if self.completion is None else self.completion.finish_reason,
+            "latency_s": None if self.completion is None else self.completion.latency_s,
+            "completion_tokens": None
+            if self.completion is None
+            else self.completion.completion_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """What the ensemble decided for one item, with full provenance."""
+
+    item: int
+    candidates: tuple[Candidate, ...]
+    decision: Decision
+    wall_s: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return self.decision.index is not None
+
+    @property
+    def text(self) -> str | None:
+        return self.decision.text
+
+    @property
+    def winner(self) -> Candidate | None:
+        i = self.decision.index
+        return None if i is None else self.candidates[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "item": self.item,
+            "kept": self.kept,
+            "text": self.text,
+            "winner": None if self.winner is None else self.winner.source,
+            "decision": self.decision.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "wall_s": self.wall_s,
+            **({"meta": self.meta} if self.meta else {}),
+        }
+
+
+class Ensemble:
+    """Members (``Member`` or bare ``Backend``, wrapped with defaults) as one generator.
+
+    ``policy``: ``exact`` (early only when no straggler can change the outcome; always
+    what waiting for everyone gives), ``quorum`` (decide once ``quorum`` candidates agree
+    at ``agreement`` similarity, cancel the rest) or ``deadline`` (decide with what has
+    arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
+    ``global_concurrency`` caps requests in flight across all members.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Member | Backend],
+        *,
+        policy: Policy = "exact",
+        threshold: float = 0.01,
+        similarity: Similarity | None = None,
+        weights: Sequence[float] | None = None,
+        quorum: int = 2,
+        agreement: float = 1.0,
+        deadline_s: float | None = None,
+        global_concurrency: int | None = None,
+        max_items_in_flight: int = 64,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if policy == "deadline" and deadline_s is None:
+            raise ValueError("policy 'deadline' needs deadline_s")
+        if max_items_in_flight < 1:
+            raise ValueError("max_items_in_flight must be >= 1")
+        self.global_limit = GlobalLimit(global_concurrency) if global_concurrency else None
+        self.members: list[Member] = [
+            m if isinstance(m, Member) else Member(m, retry=retry, global_limit=self.global_limit)
+            for m in members
+        ]
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        self.policy: Policy = policy
+        self.threshold = threshold
+        self.similarity = similarity
+        self.weights = None if weights is None else list(weights)
+        self.quorum = quorum
+        self.agreement = agreement
+        self.deadline_s = deadline_s
+        self.max_items_in_flight = max_items_in_flight
+        self._counter = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await asyncio.gather(*(m.start() for m in self.members))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(m.aclose() for m in self.members), return_exceptions=True)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-member stats snapshots (JSON-ready)."""
+        return {m.name: m.snapshot() for m in self.members}
+
+    # -- one item -----------------------------------------------------------------------
+
+    def _requests(self, item: Item) -> list[GenerationRequest]:
+        if isinstance(item, str):
+            return [GenerationRequest(prompt=item)] * len(self.members)
+        if isinstance(item, GenerationRequest):
+            return [item] * len(self.members)
+        requests = list(item)
+        if len(requests) != len(self.members):
+            raise ValueError(
+                f"got {len(requests)} requests for {len(self.members)} members; "
+                "give one request, or one per member"
+            )
+        return requests
+
+    async def run(
+        self,
+        item: Item,
+        *,
+        given: Sequence[tuple[str, str]] = (),
+        item_index: int | None = None,
+    ) -> EnsembleResult:
+        """Fan ``item`` out to every member and decide.
+
+        ``given``: candidates that already exist, as ``(source, text)``, placed first in
+        priority order (Ensemble-Instruct's step-2 output is candidate 0).  Each member
+        contributes its first completion.
+        """
+        requests = self._requests(item)
+        if item_index is None:
+            item_index = self._counter
+            self._counter += 1
+        offset = len(given)
+        total = offset + len(self.members)
+        selector = IncrementalSelector(
+            total,
+            policy=self.policy,
+            threshold=self.threshold,
+            similarity=self.similarity,
+            weights=self.weights,
+            quorum=self.quorum,
+            agreement=self.agreement,
+        )
+        candidates: dict[int, Candidate] = {}
+        started = time.perf_counter()
+        for i, (source, text) in enumerate(given):
+            candidates[i] = Candidate(i, source, "given", text=text)
+            selector.add(i, text)
+
+        tasks: dict[asyncio.Task[list[Completion]], int] = {}
+        for k, (member, request) in enumerate(zip(self.members, requests, strict=True)):
+            task = asyncio.create_task(member.generate(request))
+            tasks[task] = offset + k
+        loop = asyncio.get_running_loop()
+        deadline = None if self.deadline_s is None else loop.time() + self.deadline_s
+        pending: set[asyncio.Task[list[Completion]]] = set(tasks)
+        try:
+            while pending and not selector.done:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                finished, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not finished:  # the deadline passed
+                    break
+                for task in sorted(finished, key=tasks.__getitem__):
+                    i = tasks[task]
+                    self._collect(task, i, self.members[i - offset].name, candidates, selector)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            i = tasks[task]
+            name = self.members[i - offset].name
+            candidates[i] = Candidate(i, name, "cancelled")
+        decision = selector.finalize()
+        ordered = tuple(candidates[i] for i in range(total))
+        return EnsembleResult(item_index, ordered, decision, time.perf_counter() - started)
+
+    @staticmethod
+    def _collect(
+        task: asyncio.Task[list[Completion]],
+        index: int,
+        name: str,
+        candidates: dict[int, Candidate],
+        selector: IncrementalSelector,
+    ) -> None:
+        exc = task.exception()
+        if exc is None:
+            completion = task.result()[0]
+            candidates[index] = Candidate(
+                index, name, "ok", completion=completion, text=completion.text
+            )
+            selector.add(index, completion.text)
+            return
+        if not isinstance(exc, BackendError):
+            raise exc
+        status: CandidateStatus = "circuit_open" if isinstance(exc, CircuitOpenError) else "failed"
+        candidates[index] = Candidate(index, name, status, error=f"{type(exc).__name__}: {exc}")
+        selector.fail(index)
+
+    # -- many items ---------------------------------------------------------------------
+
+    async def map(
+        self,
+        items: Iterable[Item] | AsyncIterable[Item],
+        *,
+        ordered: bool = False,
+    ) -> AsyncIterator[EnsembleResult]:
+        """Run every item; yield results as they finish (or in input order).
+
+        The input is read only as fast as items complete: at most
+        ``max_items_in_flight`` items are running or waiting to be yielded.  Closing the
+        iterator early cancels the items still running.
+        """
+        window = asyncio.Semaphore(self.max_items_in_flight)
+        results: asyncio.Queue[EnsembleResult | BaseException | None] = asyncio.Queue()
+
+        async def one(index: int, item: Item) -> None:
+            try:
+                await results.put(await self.run(item, item_index=index))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await results.put(exc)
+
+        async def feed() -> None:
+            source = _aiter(items)
+            async with asyncio.TaskGroup() as tg:
+                for index in itertools.count():
+                    await window.acquire()  # take an item only when there is room for it
+                    try:
+                        item = await anext(source)
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # the input itself failed: say so, stop reading
+                        await results.put(exc)
+                        return
+                    tg.create_task(one(index, item))
+            await results.put(None)
+
+        feeder = asyncio.create_task(feed())
+        held: dict[int, EnsembleResult] = {}
+        next_index = 0
+        try:
+            while True:
+                got = await _next_result(results, feeder)
+                if got is None:
+                    break
+                if isinstance(got, BaseException):
+                    raise got
+                if not ordered:
+                    window.release()
+                    yield got
+                    continue
+                held[got.item] = got
+                while next_index in held:
+                    window.release()
+                    yield held.pop(next_index)
+                    next_index += 1
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+
+async def _next_result(
+    results: asyncio.Queue[EnsembleResult | BaseException | None], feeder: asyncio.Task[None]
+) -> EnsembleResult | BaseException | None:
+    """The next result, or the feeder's own failure (e.g. the input iterator raised)."""
+    if not results.empty():
+        return results.get_nowait()
+    getter = asyncio.ensure_future(results.get())
+    try:
+        await asyncio.wait({getter, feeder}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    exc = feeder.exception()
+    if exc is not None:
+        return exc
+    return await results.get()
+
+
+async def _aiter(items: Iterable[Item] | AsyncIterable[Item]) -> AsyncIterator[Item]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -1,0 +1,276 @@
+"""The Ensemble layer: fan-out, incremental decisions, straggler cancellation,
+failures and breakers, and bounded, streaming ``map``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from ensemble_async import errors
+from ensemble_async.backend import BaseBackend
+from ensemble_async.backends.tgi import TGIBackend
+from ensemble_async.breaker import CircuitBreaker
+from ensemble_async.consensus import select
+from ensemble_async.ensemble import Ensemble
+from ensemble_async.member import Member
+from ensemble_async.retry import RetryPolicy
+from ensemble_async.testing.tgi_double import TGIDouble
+from ensemble_async.types import (
+    BackendInfo,
+    Completion,
+    GenerationRequest,
+    Health,
+    StreamEvent,
+)
+
+
+class Fake(BaseBackend):
+    """A backend whose answer is ``answer(prompt)``; it waits for ``gate`` when given."""
+
+    kind = "fake"
+
+    def __init__(
+        self,
+        name: str,
+        answer: Callable[[str], str],
+        *,
+        gate: asyncio.Event | None = None,
+        fail: BaseException | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.answer = answer
+        self.gate = gate
+        self.fail = fail
+        self.calls = 0
+        self.cancelled = 0
+        self.started = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        self.calls += 1
+        self.started.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail is not None:
+            raise self.fail
+        text = self.answer(request.prompt or "")
+        return [Completion(text=text, finish_reason="stop", backend=self.name, latency_s=0.0)]
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        for c in await self.generate(request):
+            yield c
+
+    async def health(self) -> Health:
+        return Health(ok=True, latency_s=0.0)
+
+    async def info(self) -> BackendInfo:
+        return BackendInfo(name=self.name, kind=self.kind)
+
+
+def const(text: str) -> Callable[[str], str]:
+    return lambda _prompt: text
+
+
+def no_retry(backend: Fake, **kw: object) -> Member:
+    return Member(backend, retry=RetryPolicy.never(), **kw)  # type: ignore[arg-type]
+
+
+async def test_run_keeps_what_members_agree_on() -> None:
+    members = [Fake("a", const("Paris.")), Fake("b", const("paris")), Fake("c", const("Lyon"))]
+    async with Ensemble(members) as ens:
+        result = await ens.run("Capital of France?")
+    assert result.kept and result.text == "Paris."
+    assert result.decision.selection.rule == "shortcut-first"
+    assert [c.status for c in result.candidates] == ["ok", "ok", "ok"]
+    assert result.winner is not None and result.winner.source == "a"
+    record = result.to_dict()
+    assert record["winner"] == "a" and len(record["candidates"]) == 3
+
+
+async def test_exact_decides_early_and_cancels_the_straggler() -> None:
+    never = asyncio.Event()
+    slow = Fake("slow", const("something else"), gate=never)
+    members = [Fake("a", const("yes")), Fake("b", const("Yes!")), slow]
+    async with Ensemble(members, policy="exact") as ens:
+        result = await asyncio.wait_for(ens.run("q"), 10)
+    assert result.text == "yes"
+    assert result.decision.early
+    assert result.candidates[2].status == "cancelled"
+    assert slow.cancelled == 1
+    assert ens.stats()["slow"]["in_flight"] == 0
+
+
+async def test_exact_waits_when_a_straggler_could_change_the_outcome() -> None:
+    gate = asyncio.Event()
+    slow = Fake("slow", const("alpha beta"), gate=gate)
+    members = [Fake("a", const("alpha beta gamma")), Fake("b", const("delta")), slow]
+    async with Ensemble(members, policy="exact") as ens:
+        task = asyncio.create_task(ens.run("q"))
+        await slow.started.wait()
+        await asyncio.sleep(0)  # let the fast members finish
+        assert not task.done()
+        gate.set()
+        result = await task
+    assert not result.decision.early
+    assert result.decision.index == select(["alpha beta gamma", "delta", "alpha beta"]).index
+
+
+@pytest.mark.parametrize("seed", range(25))
+async def test_exact_equals_wait_all_for_any_arrival_order(seed: int) -> None:
+    rng = random.Random(seed)
+    vocab = ["red", "green", "blue", "Red.", "red green", "blue green red", ""]
+    texts = [rng.choice(vocab) for _ in range(rng.randint(2, 5))]
+    gates = [asyncio.Event() for _ in texts]
+    members = [
+        Fake(f"m{i}", const(t), gate=g) for i, (t, g) in enumerate(zip(texts, gates, strict=True))
+    ]
+    async with Ensemble(members, policy="exact") as ens:
+        task = asyncio.create_task(ens.run("q"))
+        for i in rng.sample(range(len(texts)), len(texts)):
+            await members[i].started.wait()
+            gates[i].set()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        result = await task
+    assert result.decision.index == select(texts).index
+
+
+async def test_quorum_decides_once_enough_agree() -> None:
+    never = asyncio.Event()
+    members = [
+        Fake("a", const("the answer is 42")),
+        Fake("b", const("The answer is 42.")),
+        Fake("c", const("no idea"), gate=never),
+        Fake("d", const("no idea"), gate=never),
+    ]
+    async with Ensemble(members, policy="quorum", quorum=2) as ens:
+        result = await asyncio.wait_for(ens.run("q"), 10)
+    assert result.decision.policy == "quorum"
+    assert result.decision.index in (0, 1)
+    assert {c.status for c in result.candidates[2:]} == {"cancelled"}
+
+
+async def test_deadline_decides_with_what_arrived() -> None:
+    never = asyncio.Event()
+    members = [
+        Fake("a", const("x y z")),
+        Fake("b", const("x y")),
+        Fake("c", const("q"), gate=never),
+    ]
+    async with Ensemble(members, policy="deadline", deadline_s=0.2) as ens:
+        result = await asyncio.wait_for(ens.run("q"), 10)
+    assert result.candidates[2].status == "cancelled"
+    assert result.decision.arrived == (0, 1)
+    assert result.kept
+
+
+async def test_failed_and_broken_members_are_recorded_and_the_run_goes_on() -> None:
+    bad = Fake("bad", const(""), fail=errors.ServerError("down"))
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=3600)
+    members = [
+        no_retry(Fake("a", const("blue"))),
+        no_retry(Fake("b", const("Blue"))),
+        no_retry(bad, breaker=breaker),
+    ]
+    async with Ensemble(members) as ens:
+        statuses = [(await ens.run(f"q{i}")).candidates[2].status for i in range(4)]
+        last = await ens.run("q-last")
+    assert statuses == ["failed", "failed", "circuit_open", "circuit_open"]
+    assert bad.calls == 2  # the open breaker sends nothing
+    assert last.text == "blue"
+    assert "CircuitOpenError" in (last.candidates[2].error or "")
+
+
+async def test_every_member_failing_discards_the_item() -> None:
+    members = [
+        no_retry(Fake("a", const(""), fail=errors.BadRequestError("no"))),
+        no_retry(Fake("b", const(""), fail=errors.ServerError("no"))),
+    ]
+    async with Ensemble(members) as ens:
+        result = await ens.run("q")
+    assert not result.kept
+    assert [c.status for c in result.candidates] == ["failed", "failed"]
+
+
+async def test_given_candidates_come_first() -> None:
+    members = [Fake("a", const("Four")), Fake("b", const("five"))]
+    async with Ensemble(members) as ens:
+        result = await ens.run("2+2?", given=[("writer", "four")])
+    assert result.candidates[0].status == "given"
+    assert result.decision.index == 0 and result.text == "four"
+
+
+async def test_per_member_requests_must_match_member_count() -> None:
+    async with Ensemble([Fake("a", const("x")), Fake("b", const("x"))]) as ens:
+        with pytest.raises(ValueError, match="one per member"):
+            await ens.run([GenerationRequest(prompt="p")])
+
+
+async def test_map_reads_input_lazily_and_streams_results() -> None:
+    pulled = 0
+
+    def endless() -> Iterator[str]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield f"p{i}"
+
+    members = [Fake("a", lambda p: p), Fake("b", lambda p: p)]
+    async with Ensemble(members, max_items_in_flight=4) as ens:
+        got = []
+        stream = ens.map(endless())
+        async for result in stream:
+            got.append(result)
+            assert pulled <= len(got) + 4  # never more than the window ahead
+            if len(got) == 50:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert len({r.item for r in got}) == 50
+    assert all(r.kept and r.text == f"p{r.item}" for r in got)
+
+
+async def test_map_ordered_yields_in_input_order() -> None:
+    gates = {i: asyncio.Event() for i in range(6)}
+
+    class Slow(Fake):
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            i = int((request.prompt or "p0")[1:])
+            if i == 0:  # item 0 finishes last
+                await asyncio.gather(*(gates[j].wait() for j in range(1, 6)))
+            out = await super().generate(request)
+            gates[i].set()
+            return out
+
+    async with Ensemble([Slow("a", lambda p: p)]) as ens:
+        items = [r.item async for r in ens.map([f"p{i}" for i in range(6)], ordered=True)]
+    assert items == list(range(6))
+
+
+async def test_map_surfaces_an_input_error() -> None:
+    def broken() -> Iterator[str]:
+        yield "ok"
+        raise RuntimeError("bad input line 2")
+
+    async with Ensemble([Fake("a", const("x"))]) as ens:
+        with pytest.raises(RuntimeError, match="bad input line 2"):
+            async for _ in ens.map(broken()):
+                pass
+
+
+async def test_ensemble_over_real_tgi_doubles() -> None:
+    async with TGIDouble() as d1, TGIDouble() as d2:
+        backends = [TGIBackend(d1.url, name="t1"), TGIBackend(d2.url, name="t2")]
+        async with Ensemble(backends, global_concurrency=8) as ens:
+            results = [r async for r in ens.map([f"Say {i}" for i in range(40)])]
+        stats = ens.stats()
+    assert len(results) == 40
+    # Both doubles answer the same prompt the same way, so every item is kept by rule 1.
+    assert all(r.kept and r.decision.selection.rule == "shortcut-first" for r in results)
+    assert stats["t1"]["done"] == 40 and stats["t2"]["done"] == 40
