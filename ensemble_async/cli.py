@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .backend import Backend
-from .errors import BackendError, UnknownBackendError
+from .ensemble import Ensemble
+from .errors import UnknownBackendError
+from .member import Member
 from .registry import backend_kinds, create_backend
+from .retry import RetryPolicy
 from .secret import MissingSecretError
-from .types import ChatMessage, Completion, GenerationRequest
+from .types import ChatMessage, GenerationRequest
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -97,58 +99,59 @@ def _build(specs: Sequence[MemberSpec]) -> list[Backend]:
     return backends
 
 
-async def ask(
-    backends: Sequence[Backend], request: GenerationRequest
-) -> list[tuple[str, list[Completion] | BackendError]]:
-    """Send one request to every member at once; each answer or error, in member order."""
-
-    async def one(b: Backend) -> list[Completion] | BackendError:
-        try:
-            return await b.generate(request)
-        except BackendError as exc:
-            return exc
-
-    results = await asyncio.gather(*(one(b) for b in backends))
-    return [(b.name, r) for b, r in zip(backends, results, strict=True)]
+def _request(args: argparse.Namespace) -> GenerationRequest:
+    try:
+        return GenerationRequest(
+            messages=(ChatMessage("user", args.prompt),) if args.chat else None,
+            prompt=None if args.chat else args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def _run_ask(args: argparse.Namespace, console: Console) -> int:
     specs = [parse_member(m) for m in args.member] if args.member else default_members()
+    request = _request(args)
     backends = _build(specs)
-    request = GenerationRequest(
-        messages=(ChatMessage("user", args.prompt),) if args.chat else None,
-        prompt=None if args.chat else args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        n=args.n,
-        seed=args.seed,
+    # Every candidate is shown, so wait for all of them (up to the timeout).
+    ensemble = Ensemble(
+        [Member(b, retry=RetryPolicy(max_attempts=args.attempts)) for b in backends],
+        policy="deadline",
+        deadline_s=args.timeout,
     )
-    started = time.perf_counter()
-    try:
-        results = await ask(backends, request)
-    finally:
-        await asyncio.gather(*(b.aclose() for b in backends), return_exceptions=True)
-    wall = time.perf_counter() - started
+    async with ensemble:
+        result = await ensemble.run(request)
 
-    table = Table(title=f"{len(backends)} members, {wall:.2f} s", show_lines=True)
-    for column in ("member", "#", "candidate", "finish", "tokens", "latency"):
+    table = Table(title=f"{len(backends)} members, {result.wall_s:.2f} s", show_lines=True)
+    for column in ("#", "member", "candidate", "finish", "tokens", "latency"):
         table.add_column(column)
-    candidates: list[str] = []
-    failures = 0
-    for name, result in results:
-        if isinstance(result, BackendError):
-            failures += 1
-            table.add_row(name, "-", f"[red]{result}[/red]", "error", "-", "-")
-            continue
-        for c in result:
-            candidates.append(c.text)
-            tokens = f"{c.prompt_tokens}+{c.completion_tokens}"
+    for c in result.candidates:
+        if c.completion is None:
             table.add_row(
-                name, str(c.index), c.text.strip(), c.finish_reason, tokens, f"{c.latency_s:.2f}s"
+                str(c.index), c.source, f"[red]{c.status}: {c.error or ''}[/red]", "-", "-", "-"
             )
+            continue
+        done = c.completion
+        mark = " [green](kept)[/green]" if result.decision.index == c.index else ""
+        table.add_row(
+            str(c.index),
+            c.source + mark,
+            done.text.strip(),
+            done.finish_reason,
+            f"{done.prompt_tokens}+{done.completion_tokens}",
+            f"{done.latency_s:.2f}s",
+        )
     console.print(f"[bold]prompt:[/bold] {args.prompt}")
     console.print(table)
-    if failures == len(backends):
+    selection = result.decision.selection
+    if result.kept:
+        console.print(f"consensus: kept candidate {selection.index} (rule {selection.rule})")
+    else:
+        console.print(f"consensus: nothing kept (rule {selection.rule})")
+    if all(c.completion is None for c in result.candidates):
         console.print("[red]every member failed[/red]")
         return EXIT_BACKENDS_FAILED
     return EXIT_OK
@@ -175,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_ask.add_argument("--max-new-tokens", type=int, default=48)
     p_ask.add_argument("--temperature", type=float, default=0.0)
-    p_ask.add_argument("--n", type=int, default=1)
+    p_ask.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for all members"
+    )
+    p_ask.add_argument("--attempts", type=int, default=3, help="attempts per member (retries + 1)")
     p_ask.add_argument("--seed", type=int, default=None)
     p_ask.add_argument(
         "--chat",
@@ -200,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console.print(kind)
             return EXIT_OK
         return asyncio.run(_run_ask(args, console))
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
