@@ -139,24 +139,45 @@ class RetryPolicy:
         timeout = attempt_timeout_s if attempt_timeout_s is not None else self.attempt_timeout_s
         deadline = self.clock() + self.max_total_s
 
-        def stop(state: RetryCallState) -> bool:
-            if state.attempt_number >= self.max_attempts:
+        def give_up(attempt: int, error: BaseException) -> bool:
+            """After failed attempt number ``attempt`` (1-based): stop now?"""
+            if attempt >= self.max_attempts:
                 return True
             remaining = deadline - self.clock()
-            after = retry_after_of(_error(state))
+            after = retry_after_of(error)
             return remaining <= 0 or (after is not None and after > remaining)
 
-        def wait(state: RetryCallState) -> float:
-            backoff = max(self.backoff(state.attempt_number), retry_after_of(_error(state)) or 0)
+        def pause(attempt: int, error: BaseException) -> float:
+            backoff = max(self.backoff(attempt), retry_after_of(error) or 0)
             return max(0.0, min(backoff, deadline - self.clock()))
 
-        def before_sleep(state: RetryCallState) -> None:
-            event = RetryEvent(state.attempt_number, _error(state), state.upcoming_sleep)
+        def announce(event: RetryEvent) -> None:
             log.debug(
                 "retrying in %.2fs after attempt %d: %r", event.wait_s, event.attempt, event.error
             )
             if on_retry is not None:
                 on_retry(event)
+
+        # Fast path: the first attempt runs bare; tenacity's machinery (costly per call,
+        # measured in bench/memory.py) is built only once a retry is really needed.
+        try:
+            return await _timed(fn, timeout)
+        except BaseException as exc:
+            if not is_retryable(exc) or give_up(1, exc):
+                raise
+            first_wait = pause(1, exc)
+            announce(RetryEvent(1, exc, first_wait))
+        await self.sleep(first_wait)
+
+        # Attempts 2.. under tenacity; its attempt numbers count from 1 again.
+        def stop(state: RetryCallState) -> bool:
+            return give_up(state.attempt_number + 1, _error(state))
+
+        def wait(state: RetryCallState) -> float:
+            return pause(state.attempt_number + 1, _error(state))
+
+        def before_sleep(state: RetryCallState) -> None:
+            announce(RetryEvent(state.attempt_number + 1, _error(state), state.upcoming_sleep))
 
         async def attempt() -> T:
             return await _timed(fn, timeout)
