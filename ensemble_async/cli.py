@@ -112,8 +112,21 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
         raise UsageError(str(exc)) from None
 
 
-async def _run_ask(args: argparse.Namespace, console: Console) -> int:
-    specs = [parse_member(m) for m in args.member] if args.member else default_members()
+def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
+    """The ``--member`` options, or the embedded default (this may assemble a model file:
+    call it before the event loop starts)."""
+    if args.member:
+        return [parse_member(m) for m in args.member]
+    try:
+        return default_members()
+    except FileNotFoundError as exc:  # MissingModelError says which package to install
+        raise UsageError(str(exc)) from None
+
+
+async def _run_ask(
+    args: argparse.Namespace, console: Console, specs: Sequence[MemberSpec] | None = None
+) -> int:
+    specs = member_specs(args) if specs is None else specs
     request = _request(args)
     backends = _build(specs)
     # Every candidate is shown, so wait for all of them (up to the timeout).
@@ -205,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in backend_kinds():
                 console.print(kind)
             return EXIT_OK
-        return asyncio.run(_run_ask(args, console))
+        specs = member_specs(args)
+        return asyncio.run(_run_ask(args, console, specs))
     except UsageError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE

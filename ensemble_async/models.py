@@ -323,13 +323,30 @@ def ensure_converted(gguf: Path | str, *, root: Path | None = None) -> Converted
         return ConvertedModel(final, converted=True)
 
 
+_import_lock = threading.Lock()
+# Names this project takes from transformers.  Its lazy module is not thread-safe on
+# first access: two worker threads loading two models at once saw
+# "module 'transformers' has no attribute 'AutoTokenizer'".  They are resolved once,
+# under a lock, before any thread uses them.
+_TRANSFORMERS_NAMES = (
+    "AutoModelForCausalLM",
+    "AutoTokenizer",
+    "GgufConfig",
+    "StoppingCriteria",
+    "StoppingCriteriaList",
+)
+
+
 def _offline_transformers() -> tuple[Any, Any]:
     """Import torch and transformers with the HF hub switched to offline mode."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import torch
-    import transformers
+    with _import_lock:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        import torch
+        import transformers
 
+        for name in _TRANSFORMERS_NAMES:
+            getattr(transformers, name)
     return torch, transformers
 
 
