@@ -347,6 +347,7 @@ def _offline_transformers() -> tuple[Any, Any]:
 
         for name in _TRANSFORMERS_NAMES:
             getattr(transformers, name)
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     return torch, transformers
 
 
