@@ -171,3 +171,21 @@ async def test_base_backend_context_manager() -> None:
     async with _Counting(name="x") as b:
         assert b.name == "x"
         assert "x" in repr(b)
+
+
+def test_public_api_resolves_and_heavy_parts_load_lazily() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ensemble_async as ea\n"
+        "assert 'ensemble_async.consensus' not in sys.modules, 'eager import'\n"
+        "missing = [n for n in ea.__all__ if not hasattr(ea, n)]\n"
+        "assert not missing, missing\n"
+        "assert ea.Ensemble.__module__ == 'ensemble_async.ensemble'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = ea.nope
