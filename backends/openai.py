@@ -47,7 +47,7 @@ from ensemble_async.errors import (
     error_from_status,
 )
 from ensemble_async.http import HTTPTransport, error_message
-from ensemble_async.secret import Secret
+from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
     Completion,
@@ -268,11 +268,7 @@ class OpenAIBackend(BaseBackend):
         super().__init__(name=name)
         if mode not in ("completions", "chat", "auto"):
             raise ValueError(f"mode must be completions, chat or auto, got {mode!r}")
-        if api_key is not None and api_key_env is not None:
-            raise ValueError("give api_key or api_key_env, not both")
-        key = Secret(api_key) if isinstance(api_key, str) else api_key
-        if api_key_env is not None:
-            key = Secret.from_env(api_key_env)
+        key = resolve_key(api_key, api_key_env)
         self.url = server_root(url)
         self.mode: Mode = mode
         self.transport: TransportName = transport

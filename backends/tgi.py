@@ -39,7 +39,7 @@ from ensemble_async.errors import (
     error_from_status,
 )
 from ensemble_async.http import HTTPTransport, error_message
-from ensemble_async.secret import Secret
+from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
     Completion,
@@ -86,16 +86,13 @@ class TGIBackend(BaseBackend):
         endpoint: Literal["generate", "compat"] = "generate",
     ) -> None:
         super().__init__(name=name)
-        if api_key is not None and api_key_env is not None:
-            raise ValueError("give api_key or api_key_env, not both")
         if endpoint not in ("generate", "compat"):
             raise ValueError(f"endpoint must be 'generate' or 'compat', got {endpoint!r}")
-        key = Secret.from_env(api_key_env) if api_key_env else api_key
         self._http = HTTPTransport(
             url,
             backend=self.name,
             session=session,
-            api_key=Secret(key) if isinstance(key, str) else key,
+            api_key=resolve_key(api_key, api_key_env),
             headers=headers,
             timeout=timeout,
             read_timeout=read_timeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["MissingSecretError", "Secret"]
+__all__ = ["MissingSecretError", "Secret", "resolve_key"]
 
 
 class MissingSecretError(KeyError):
@@ -44,3 +44,13 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("Secret values cannot be pickled")
+
+
+def resolve_key(api_key: Secret | str | None, api_key_env: str | None) -> Secret | None:
+    """The key an adapter was given: a value, or the name of the environment variable
+    that holds it (never both)."""
+    if api_key is not None and api_key_env is not None:
+        raise ValueError("give api_key or api_key_env, not both")
+    if api_key_env is not None:
+        return Secret.from_env(api_key_env)
+    return Secret(api_key, source="argument") if isinstance(api_key, str) else api_key
