@@ -378,13 +378,20 @@ def resolve_source(
     """``(directory, gguf path or None)`` for a backend's ``model``/``gguf_file`` options.
 
     ``model`` is a local directory (a saved transformers model, or the folder holding
-    ``gguf_file``) or a path to a ``.gguf`` file.  Nothing is looked up on a hub.
+    ``gguf_file``), a path to a ``.gguf`` file, or a hub id (``org/name``) already in the
+    local Hugging Face cache.  Nothing is ever downloaded.
     """
     path = Path(model).expanduser()
     if gguf_file is None and path.suffix.lower() == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():
-        raise MissingModelError(f"model path does not exist: {path} (models are loaded locally)")
+        cached = _offline_hub_snapshot(str(model))
+        if cached is None:
+            raise MissingModelError(
+                f"model path does not exist: {path}, and {str(model)!r} is not in the local "
+                "Hugging Face cache (models are never downloaded)"
+            )
+        path = cached
     if gguf_file is None:
         if not path.is_dir():
             raise MissingModelError(f"model path is not a directory: {path}")
@@ -395,6 +402,25 @@ def resolve_source(
     if not gguf.is_file():
         raise MissingModelError(f"GGUF file not found: {gguf}")
     return path, gguf
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _offline_hub_snapshot(model: str) -> Path | None:
+    """The local snapshot of hub id ``model`` in the Hugging Face cache, or None."""
+    if not _HUB_ID.match(model):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - comes with transformers
+        return None
+    try:
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None  # honoured even if set late
+        return Path(snapshot_download(model, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
 
 
 _DTYPES = {
