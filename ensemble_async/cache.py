@@ -1,0 +1,378 @@
+"""A content-addressed, crash-safe response cache (sqlite) and a caching ``Backend`` wrapper.
+
+A rerun of a pipeline must repeat no call that already finished.  ``CachedBackend``
+looks every ``generate`` request up by ``cache_key`` -- a SHA-256 over the canonical
+JSON of the backend's identity (kind, name, model) and the full request -- and only
+calls the wrapped backend on a miss, storing the answer before returning it.
+
+Durability.  The database runs in WAL mode with ``synchronous=NORMAL`` by default and
+every ``put`` is its own committed transaction before ``put`` returns.  In WAL mode a
+commit is appended to the ``-wal`` file with ``write()`` before sqlite returns, so a
+process killed at any point (SIGKILL included) never corrupts the database and loses at
+most the write that was in flight: the operating system still holds every committed
+page.  ``NORMAL`` does not ``fsync`` at each commit, so a power loss or kernel crash may
+roll back the last few commits (the database stays consistent; those calls are simply
+made again).  Pass ``synchronous="FULL"`` to ``fsync`` the WAL at every commit and
+survive power loss too, at the price of one disk flush per stored response.
+
+Threading.  sqlite connections belong to the thread that made them, so the cache owns
+one worker thread that opens the connection and runs every statement; coroutines await
+its futures and never block the event loop.  A ``put`` whose awaiting task is cancelled
+still completes (it is already queued to the worker).
+
+What is stored: only the key (a hash) and the completions (``Completion.to_dict()``
+as JSON).  Requests carry no secrets (API keys live in transports), and nothing of the
+backend other than its kind, name and model enters the key.
+
+Caveat: identical requests get identical answers.  Sampling with ``temperature > 0``
+and no ``seed`` would therefore return one cached sample for every repeat of the same
+request; give each request that must differ its own ``seed`` (the pipeline does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+from .backend import Backend
+from .types import BackendInfo, Completion, GenerationRequest, Health, StreamEvent
+
+__all__ = ["CacheError", "CachedBackend", "ResponseCache", "cache_key"]
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = 1
+"""Part of every key: bumped when the canonical form changes, so old entries miss."""
+
+SCHEMA_VERSION = 1
+
+_T = TypeVar("_T")
+
+
+class CacheError(Exception):
+    """The cache file cannot be opened, is not a response cache, or is closed."""
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 text, no NaN/Infinity: one spelling per value."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def cache_key(
+    backend_kind: str, backend_name: str, model: str | None, request: GenerationRequest
+) -> str:
+    """The SHA-256 (hex) of the canonical JSON of the backend identity and the request.
+
+    Equal requests give equal keys in every process (no ``hash()``, no dict order);
+    ``temperature`` and ``top_p`` are compared as floats (``0`` and ``0.0`` are one key).
+    Raises ``ValueError`` when ``request.extra`` holds values JSON cannot represent.
+    """
+    body = request.to_dict()
+    body["temperature"] = float(body["temperature"])
+    body["top_p"] = float(body["top_p"])
+    payload = {
+        "v": KEY_VERSION,
+        "kind": backend_kind,
+        "name": backend_name,
+        "model": model,
+        "request": body,
+    }
+    try:
+        text = canonical_json(payload)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"request cannot be cached (not canonical JSON): {exc}") from exc
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class ResponseCache:
+    """Completions by ``cache_key``, in one sqlite file (WAL).
+
+    ``get``/``put`` are coroutines run on the cache's own worker thread.  ``put``
+    returns once the entry is committed (see the module notes on durability); an
+    existing entry is kept (first answer wins).  Use it as a context manager (sync or
+    async) or call ``close()``; the file and its parent folders are created on demand.
+    Opening (the constructor) is synchronous and quick; it raises ``CacheError`` naming
+    the path when the file cannot be opened or is not a response cache.  A failing
+    statement later (disk full, I/O error) raises ``CacheError`` too, so a call whose
+    answer could not be stored fails rather than being silently uncached.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        timeout_s: float = 30.0,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._timeout = timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ensemble-async-cache"
+        )
+        try:
+            self._pool.submit(self._open).result()
+        except BaseException:
+            self._pool.shutdown(wait=True)
+            self._closed = True
+            raise
+
+    # ------------------------------------------------------------- worker thread
+
+    def _open(self) -> None:
+        where = self.path
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(where, timeout=self._timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(f"cannot open the response cache {where}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif row[0] != str(SCHEMA_VERSION):
+                raise CacheError(
+                    f"{where}: response cache schema {row[0]}, this version reads "
+                    f"{SCHEMA_VERSION}; use another cache path"
+                )
+        except sqlite3.Error as exc:
+            conn.close()
+            raise CacheError(f"{where} is not a usable response cache: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise CacheError(f"the response cache {self.path} is closed")
+        return self._conn
+
+    def _get(self, key: str) -> str | None:
+        row = (
+            self._connection()
+            .execute("SELECT value FROM responses WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def _put(self, key: str, value: str) -> None:
+        # Autocommit mode: this one statement is one committed transaction.
+        self._connection().execute(
+            "INSERT OR IGNORE INTO responses (key, value, created) VALUES (?, ?, ?)",
+            (key, value, time.time()),
+        )
+
+    def _count(self) -> int:
+        return int(self._connection().execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    async def _run(self, fn: Callable[..., _T], *args: Any, shield: bool = False) -> _T:
+        with self._lock:
+            if self._closed:
+                raise CacheError(f"the response cache {self.path} is closed")
+            future = self._pool.submit(fn, *args)
+        waiter = asyncio.wrap_future(future)
+        try:
+            # A shielded job still runs when the awaiting task is cancelled (writes).
+            return await (asyncio.shield(waiter) if shield else waiter)
+        except sqlite3.Error as exc:  # disk full, I/O error, ...
+            raise CacheError(f"response cache {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------ public
+
+    async def get(self, key: str) -> list[Completion] | None:
+        """The stored completions, or None (also for an entry this version cannot read)."""
+        raw = await self._run(self._get, key)
+        if raw is None:
+            return None
+        try:
+            return [Completion(**item) for item in json.loads(raw)]
+        except (ValueError, TypeError) as exc:
+            log.warning("response cache %s: unreadable entry %s (%s); ignored", self.path, key, exc)
+            return None
+
+    async def put(self, key: str, completions: list[Completion]) -> None:
+        """Store ``completions`` under ``key``; returns once the entry is committed."""
+        value = canonical_json([c.to_dict() for c in completions])
+        await self._run(self._put, key, value, shield=True)
+
+    async def count(self) -> int:
+        """How many entries the cache holds."""
+        return await self._run(self._count)
+
+    def close(self) -> None:
+        """Finish queued writes, close the connection and stop the worker (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            final = self._pool.submit(self._close_conn)
+        self._pool.shutdown(wait=True)
+        final.result()
+
+    async def aclose(self) -> None:
+        """``close()`` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<ResponseCache {str(self.path)!r}{' closed' if self._closed else ''}>"
+
+
+class CachedBackend:
+    """A ``Backend`` that answers ``generate`` from a ``ResponseCache`` when it can.
+
+    Key identity: the backend's kind, its name and its model.  With ``identity=None``
+    the model is read once, lazily, from ``await backend.info()`` on the first
+    ``generate``; if that fails the error propagates (a key without the model would
+    differ from the next run's and repeat calls), and the next ``generate`` tries again.
+    ``info()`` can be costly -- the transformers backend loads its model there -- so a
+    caller that knows the model (a configured model id or path) can pass it as
+    ``identity``: it then stands for the model in every key and ``info()`` is never
+    called for the cache.  Changing the identity, name or model starts a fresh set of
+    keys.
+
+    ``hits``/``misses`` count ``generate`` calls answered from the cache or by the
+    backend (also as ``cache_hits``/``cache_misses``).  A hit returns the stored
+    completions unchanged (their ``latency_s`` is the original call's).  ``stream``,
+    ``health``, ``info`` and ``aclose`` go straight to the wrapped backend; ``aclose``
+    does not close the cache, which may be shared by several backends.
+    Concurrent identical misses are not merged: each calls the backend, the first
+    stored answer is kept.
+    """
+
+    def __init__(
+        self, backend: Backend, cache: ResponseCache, *, identity: str | None = None
+    ) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.identity = identity
+        self.kind: str = str(getattr(backend, "kind", type(backend).__name__))
+        self.hits = 0
+        self.misses = 0
+        self._model: str | None = identity
+        self._resolved = identity is not None
+        self._resolve_lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def cache_hits(self) -> int:
+        return self.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.misses
+
+    async def _identity(self) -> tuple[str, str | None]:
+        if not self._resolved:
+            async with self._resolve_lock:
+                if not self._resolved:
+                    info = await self.backend.info()
+                    self.kind = info.kind or self.kind
+                    self._model = info.model
+                    self._resolved = True
+        return self.kind, self._model
+
+    async def key_for(self, request: GenerationRequest) -> str:
+        """The cache key this backend uses for ``request``."""
+        kind, model = await self._identity()
+        return cache_key(kind, self.name, model, request)
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        key = await self.key_for(request)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        completions = await self.backend.generate(request)
+        await self.cache.put(key, completions)
+        self.misses += 1
+        return completions
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        return self.backend.stream(request)
+
+    async def health(self) -> Health:
+        return await self.backend.health()
+
+    async def info(self) -> BackendInfo:
+        return await self.backend.info()
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<CachedBackend {self.backend!r} cache={self.cache!r}>"
