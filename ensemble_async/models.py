@@ -324,6 +324,10 @@ def ensure_converted(gguf: Path | str, *, root: Path | None = None) -> Converted
 
 
 _import_lock = threading.Lock()
+# One model is built at a time in this process: transformers builds a model on the "meta"
+# device by patching torch globally while it runs, so two threads loading at once can
+# leave one model with meta tensors ("Cannot copy out of meta tensor").
+_load_lock = threading.RLock()
 # Names this project takes from transformers.  Its lazy module is not thread-safe on
 # first access: two worker threads loading two models at once saw
 # "module 'transformers' has no attribute 'AutoTokenizer'".  They are resolved once,
@@ -352,24 +356,25 @@ def _offline_transformers() -> tuple[Any, Any]:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    torch, transformers = _offline_transformers()
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        folder, gguf_file=name, local_files_only=True
-    )
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=name,
-        local_files_only=True,
-        dtype=torch.float32,  # exact: dequantized blocks are float32 values
-        quantization_config=transformers.GgufConfig(dequantize=True),
-    )
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # dense now; drop the GGUF marker so it can be saved
-        quantizer.remove_quantization_config(model)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    del model
+    with _load_lock:
+        torch, transformers = _offline_transformers()
+        folder, name = str(gguf.parent), gguf.name
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            folder, gguf_file=name, local_files_only=True
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            local_files_only=True,
+            dtype=torch.float32,  # exact: dequantized blocks are float32 values
+            quantization_config=transformers.GgufConfig(dequantize=True),
+        )
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # dense now; drop the GGUF marker so it can be saved
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        del model
 
 
 def resolve_source(
@@ -466,10 +471,11 @@ def load_model_and_tokenizer(
         folder = ensure_converted(gguf, root=root).path
     torch, transformers = _offline_transformers()
     torch_dtype = getattr(torch, resolve_dtype(dtype, device))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        str(folder), local_files_only=True, dtype=torch_dtype
-    )
+    with _load_lock:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch_dtype
+        )
     loaded.to(device)
     loaded.eval()
     return loaded, tokenizer
