@@ -21,10 +21,12 @@ import functools
 import itertools
 import json
 import random
+import re
 import socket
 import time
 import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -126,6 +128,21 @@ def _sample(
     return _Choice(index, tuple(pieces), finish, matched)
 
 
+_PIECE = re.compile(r"\s*\S+|\s+")
+
+
+def _respond(index: int, text: str, max_tokens: int, stop: tuple[str, ...]) -> _Choice:
+    """A choice with a responder's text, cut at ``max_tokens`` pieces and at a stop string."""
+    pieces = _PIECE.findall(text)
+    finish = "stop"
+    if len(pieces) > max_tokens:
+        pieces, finish = pieces[:max_tokens], "length"
+    pieces, matched = _cut_at_stop(pieces, stop) if stop else (pieces, None)
+    if matched is not None:
+        finish = "stop"
+    return _Choice(index, tuple(pieces), finish, matched)
+
+
 class OpenAIDouble:
     """An in-process vLLM-style server on 127.0.0.1 with a free port."""
 
@@ -142,8 +159,12 @@ class OpenAIDouble:
         health_endpoint: bool = True,
         flat_errors: bool = False,
         history: int = 64,
+        responder: Callable[[str, dict[str, Any]], str] | None = None,
     ) -> None:
         self.model = model
+        self.responder = responder
+        """Writes a choice's text from (prompt, request body) instead of random words;
+        ``max_tokens`` (a token is a whitespace-led word) and stop strings still apply."""
         self.max_model_len = max_model_len
         self.honour_n = honour_n
         self.latency = latency
@@ -368,6 +389,13 @@ class OpenAIDouble:
                     key = f"{seed}\x00{i}\x00{prompt}"
                 else:
                     key = f"{next(self._unseeded)}\x00{prompt}"
+                if self.responder is not None:
+                    choices.append(
+                        _respond(
+                            k * per_prompt + i, self.responder(prompt, p), max_tokens, tuple(stop)
+                        )
+                    )
+                    continue
                 choices.append(
                     _sample(k * per_prompt + i, key, max_tokens, min_tokens, tuple(stop), chat)
                 )

@@ -14,6 +14,12 @@ Stop strings end the text when it ends with one (TGI leaves the stop string in),
 ``max_new_tokens`` ends it with finish_reason ``length``.  A prompt token is a
 whitespace-separated word.
 
+``responder(inputs, parameters) -> str``, when given, writes the text instead (e.g.
+Ensemble-Instruct-shaped completions for pipeline tests); the double still applies
+``max_new_tokens`` (a token is a whitespace-led word) and the stop strings (left in, as
+TGI does).  Streamed token events then carry placeholder tokens; the final event's
+``generated_text`` is the responder's text.
+
 Validation, error bodies and statuses follow TGI: 422 ``validation`` errors (in streams:
 an error event under HTTP 200), 429 ``overloaded`` beyond ``max_concurrent_requests``,
 plain-text 400/422/415 for bodies that are not the expected JSON.
@@ -24,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -49,6 +57,8 @@ _TOKENS: tuple[dict[str, Any], ...] = (
     {"id": EOS_ID, "text": EOS_TEXT, "logprob": -0.01, "special": True},
 )
 _TOKEN_JSON = tuple(json.dumps(t) for t in _TOKENS)
+
+_WORD_RE = re.compile(r"\s*\S+|\s+")
 
 _STATUS_OF_ERROR = {
     "overloaded": 429,
@@ -116,8 +126,11 @@ class TGIDouble:
         record: int = 256,
         seed: int = 0,
         host: str = "127.0.0.1",
+        responder: Callable[[str, dict[str, Any]], str] | None = None,
     ) -> None:
         self.model_id = model_id
+        self.responder = responder
+        """Writes the generated text from (inputs, parameters) instead of random words."""
         self.latency = latency
         """Service time of each generation request, in seconds."""
         self.token_latency = token_latency
@@ -233,6 +246,8 @@ class TGIDouble:
         else:
             seed = None
             rng = random.Random(inputs)
+        if self.responder is not None:
+            return self._respond(inputs, params, max_new, seed, input_length)
         natural = rng.randint(*self.natural_tokens)
         ids = rng.choices(_IDS, k=min(natural, max_new))
         stops = params.get("stop")
@@ -250,6 +265,38 @@ class TGIDouble:
         if finish == "length" and natural < max_new:
             ids.append(EOS_ID)
             finish = "eos_token"
+        if params.get("return_full_text"):
+            text = inputs + text
+        return _Generation(text, ids, finish, seed, input_length)
+
+    def _respond(
+        self,
+        inputs: str,
+        params: dict[str, Any],
+        max_new: int,
+        seed: int | None,
+        input_length: int,
+    ) -> _Generation:
+        assert self.responder is not None
+        tokens = _WORD_RE.findall(self.responder(inputs, params))
+        finish = "eos_token"
+        if len(tokens) > max_new:
+            tokens, finish = tokens[:max_new], "length"
+        text = "".join(tokens)
+        hits = [(pos + len(s), s) for s in params.get("stop") or () if (pos := text.find(s)) >= 0]
+        if hits:
+            end = min(hits)[0]
+            kept: list[str] = []
+            used = 0
+            for token in tokens:
+                if used >= end:
+                    break
+                kept.append(token)
+                used += len(token)
+            tokens, text, finish = kept, text[:end], "stop_sequence"
+        ids = [0] * len(tokens)
+        if finish == "eos_token":
+            ids.append(EOS_ID)
         if params.get("return_full_text"):
             text = inputs + text
         return _Generation(text, ids, finish, seed, input_length)
