@@ -1,34 +1,72 @@
 """``python -m ensemble_async``: the command-line runner.
 
-Exit codes: 0 success; 1 unexpected internal error; 2 bad usage or configuration;
-3 every backend failed; 130 interrupted.
+Subcommands:
+
+* ``ask [PROMPT] [--member KIND=URL_OR_MODEL,...]``: one prompt through the ensemble
+  (the default command);
+* ``generate [--config X.toml] [--quiet | --log-jsonl PATH] [--output PATH]``: the
+  Ensemble-Instruct pipeline (without ``--config``: the embedded default, two local
+  models); resumable: rerun the same command after a crash and it continues;
+* ``check --config X.toml``: reach every configured backend (health, model, latency of
+  a 1-token request);
+* ``consensus IN.jsonl [--out OUT.jsonl] [--threshold T]``: re-run step 5 on lines
+  that carry ``candidates``;
+* ``export --format alpaca|chat IN OUT``: records to training formats;
+* ``backends``: the registered backend kinds.
+
+Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
+(the message names the file, key or line); 3 backends unreachable (``check``) or every
+backend failed; 4 the output cannot be written; 130 interrupted (Ctrl-C or SIGTERM: the
+run is cancelled, finished records are on disk, sessions are closed).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 from .backend import Backend
+from .config import (
+    Config,
+    ConfigError,
+    OutputError,
+    build_members,
+    check_environment,
+    check_output_writable,
+    create_backends,
+    default_config,
+    load_config,
+)
+from .consensus import select
 from .ensemble import Ensemble
-from .errors import UnknownBackendError
+from .errors import BackendError, UnknownBackendError
 from .member import Member
+from .progress import Mode, Progress
 from .registry import backend_kinds, create_backend
 from .retry import RetryPolicy
 from .secret import MissingSecretError
+from .seedtasks import SeedFormatError, load_seed_tasks
 from .types import ChatMessage, GenerationRequest
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BACKENDS_FAILED = 3
+EXIT_OUTPUT = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_PROMPT = "Give three short tips for writing clear instructions."
@@ -170,12 +208,338 @@ async def _run_ask(
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------- generate
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The config named by ``--config``, else the embedded default.  The default resolves
+    (and may assemble) the model files: this runs before the event loop starts."""
+    if args.config is not None:
+        return load_config(args.config)
+    try:
+        return default_config()
+    except FileNotFoundError as exc:  # MissingModelError says which package to install
+        raise UsageError(str(exc)) from None
+
+
+def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, TextIO | None]:
+    if args.log_jsonl is not None:
+        if args.log_jsonl == "-":
+            return "jsonl", None
+        path = Path(args.log_jsonl)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return "jsonl", path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError("--log-jsonl", None, f"{path}: {exc.strerror or exc}") from None
+    if args.quiet or not err.is_terminal:
+        return "quiet", None
+    return "rich", None
+
+
+def run_generate(args: argparse.Namespace, err: Console) -> int:
+    config = _load(args)
+    if args.output is not None:
+        config = config.with_output(args.output)
+    check_environment(config)  # before anything is created on disk
+    check_output_writable(config)
+    settings = config.settings()
+    try:
+        seeds = load_seed_tasks(config.run.seeds)
+    except SeedFormatError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(config.source, "run.seeds", f"{exc.strerror or exc}") from None
+    mode, log_file = _progress_mode(args, err)
+    try:
+        return asyncio.run(generate(config, settings, seeds, mode=mode, console=err, log=log_file))
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+async def generate(
+    config: Config,
+    settings: Any,
+    seeds: Sequence[Any],
+    *,
+    mode: Mode = "quiet",
+    console: Console | None = None,
+    log: TextIO | None = None,
+) -> int:
+    """Run the pipeline for ``config``: members, cache and record files opened and
+    closed here.  SIGTERM cancels the run like Ctrl-C (records written so far stay)."""
+    from .pipeline import Pipeline
+
+    console = console or Console(stderr=True)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            cache = None
+            if config.run.cache:
+                cache = await stack.enter_async_context(_open_cache(config))
+            writer, answerers = build_members(config, cache=cache)
+            members = list(dict.fromkeys([writer, *answerers]))
+            for member in members:
+                stack.push_async_callback(member.aclose)
+            sink = stack.enter_context(_open_records(config))
+            progress = Progress(
+                mode,
+                members=members,
+                targets={"instructions": sum(config.run.targets.to_dict().values())},
+                console=console,
+                log=log,
+            )
+            if mode == "jsonl":
+                progress.log_start(
+                    config=config.source,
+                    output=str(config.run.output),
+                    existing_records=sink.count,
+                    backends=[config.backends[m.name].describe() for m in members],
+                )
+            try:
+                async with progress:
+                    for member in members:
+                        await member.start()
+                    pipeline = Pipeline(
+                        writer=writer,
+                        answerers=answerers,
+                        seeds=seeds,
+                        settings=settings,
+                        sink=sink,
+                        events=progress,
+                    )
+                    summary = await pipeline.run()
+            except asyncio.CancelledError:
+                progress.summary(status="interrupted")
+                raise
+            progress.summary(summary)
+            if _all_failed(members):
+                console.print("[red]every backend failed[/red]")
+                return EXIT_BACKENDS_FAILED
+            return EXIT_OK
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+@contextlib.asynccontextmanager
+async def _open_cache(config: Config) -> AsyncIterator[Any]:
+    from .cache import CacheError, ResponseCache
+
+    try:
+        cache = ResponseCache(config.run.cache_file)
+    except CacheError as exc:
+        raise OutputError(config.source, "run.cache_path", str(exc)) from None
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+
+
+@contextlib.contextmanager
+def _open_records(config: Config) -> Iterator[Any]:
+    from .records import RecordFileError, RecordWriter
+
+    try:
+        writer = RecordWriter(config.run.output, rejects_path=config.run.rejects_path)
+    except RecordFileError as exc:
+        raise OutputError(config.source, "run.output", str(exc)) from None
+    with writer:
+        yield writer
+
+
+def _all_failed(members: Sequence[Member]) -> bool:
+    snaps = [m.snapshot() for m in members]
+    # no call succeeded and some failed (a member never called because the writer
+    # failed counts as failed too)
+    return all(s["done"] == 0 for s in snaps) and any(s["failed"] > 0 for s in snaps)
+
+
+# ---------------------------------------------------------------------------- check
+
+
+@dataclass
+class Probe:
+    name: str
+    kind: str
+    target: str
+    healthy: bool = False
+    health_detail: str = ""
+    model: str | None = None
+    latency_s: float | None = None
+    error: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.healthy and self.error is None
+
+
+async def probe_backend(
+    name: str, backend: Backend, target: str, kind: str, timeout: float
+) -> Probe:
+    """Health, model and the latency of a 1-token greedy request for one backend."""
+    probe = Probe(name, kind, target)
+    try:
+        async with asyncio.timeout(timeout):
+            health = await backend.health()
+        probe.healthy = health.ok
+        probe.health_detail = health.detail
+        if not health.ok:
+            return probe
+        async with asyncio.timeout(timeout):
+            info = await backend.info()
+        probe.model = info.model
+        request = GenerationRequest(prompt="Hello", max_new_tokens=1, temperature=0.0)
+        started = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            await backend.generate(request)
+        probe.latency_s = time.perf_counter() - started
+    except TimeoutError:
+        probe.error = f"no answer within {timeout:g}s"
+    except BackendError as exc:
+        probe.error = f"{type(exc).__name__}: {exc}"
+    return probe
+
+
+async def check(config: Config, *, timeout: float = 30.0) -> list[Probe]:
+    names = list(config.backends)
+    backends = create_backends(config, names)
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    probe_backend(
+                        name,
+                        backends[name],
+                        config.backends[name].url or config.backends[name].model or "",
+                        config.backends[name].kind,
+                        timeout,
+                    )
+                    for name in names
+                )
+            )
+        )
+    finally:
+        for backend in backends.values():
+            await backend.aclose()
+
+
+def run_check(args: argparse.Namespace, console: Console) -> int:
+    config = _load(args)
+    probes = asyncio.run(check(config, timeout=args.timeout))
+    table = Table(title=f"{config.source}: {len(probes)} backends")
+    for column in ("backend", "kind", "target", "health", "model", "1-token latency", "error"):
+        table.add_column(column)
+    for p in probes:
+        health = "[green]ok[/green]" if p.healthy else f"[red]down[/red] {p.health_detail}"
+        table.add_row(
+            p.name,
+            p.kind,
+            p.target,
+            health,
+            p.model or "-",
+            "-" if p.latency_s is None else f"{p.latency_s:.3f}s",
+            p.error or "",
+        )
+    console.print(table)
+    unreachable = [p.name for p in probes if not p.reachable]
+    if unreachable:
+        console.print(f"[red]unreachable:[/red] {', '.join(unreachable)}")
+        return EXIT_BACKENDS_FAILED
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------ consensus
+
+
+def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
+    """Every line of ``path`` with its ``selection`` added; UsageError names file:line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read: {exc}") from None
+    out: list[dict[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{where}: expected a JSON object")
+        candidates = obj.get("candidates")
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise UsageError(f"{where}: 'candidates' must be a list of strings")
+        selection = select(candidates, threshold=threshold)
+        out.append({**obj, "selection": {**selection.to_dict(), "text": selection.text}})
+    return out
+
+
+def run_consensus(args: argparse.Namespace, err: Console) -> int:
+    if not args.threshold >= 0:
+        raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
+    lines = consensus_lines(args.input, threshold=args.threshold)
+    payload = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    if args.out is None:
+        sys.stdout.write(payload)
+        sys.stdout.flush()
+    else:
+        _write_atomic(args.out, payload)
+    kept = sum(1 for line in lines if line["selection"]["kept"])
+    err.print(f"{len(lines)} lines, {kept} kept", highlight=False)
+    return EXIT_OK
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(str(path), None, f"cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- export
+
+
+def run_export(args: argparse.Namespace, console: Console) -> int:
+    from .export import ExportError, export_alpaca, export_chat
+
+    if not args.input.is_file():
+        raise UsageError(f"{args.input}: file not found")
+    run = export_alpaca if args.format == "alpaca" else export_chat
+    try:
+        count = run(args.input, args.output)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    console.print(f"{count} examples -> {args.output} ({args.format})", highlight=False)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble_async",
         description="Drive several LLM servers or local models as one ensemble.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config, 3 every backend failed, "
-        "130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config/input, 3 backends "
+        "unreachable or every backend failed, 4 output not writable, 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command")
     p_ask = sub.add_parser(
@@ -203,6 +567,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the prompt as a chat message (default) or as plain text",
     )
     sub.add_parser("backends", help="list the registered backend kinds")
+
+    p_gen = sub.add_parser(
+        "generate", help="generate instruction data (resumable: rerun the same command)"
+    )
+    p_gen.add_argument(
+        "--config", type=Path, help="TOML config (default: the embedded two-model ensemble)"
+    )
+    p_gen.add_argument("--output", type=Path, help="records file (overrides run.output)")
+    shown = p_gen.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print only the summary")
+    shown.add_argument(
+        "--log-jsonl",
+        metavar="PATH",
+        help="write progress as JSON lines to PATH ('-' for stderr) instead of the live view",
+    )
+
+    p_check = sub.add_parser("check", help="reach every configured backend")
+    p_check.add_argument("--config", type=Path, help="TOML config (default: embedded)")
+    p_check.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per backend and probe"
+    )
+
+    p_cons = sub.add_parser("consensus", help="re-run the consensus step on candidate lists")
+    p_cons.add_argument("input", type=Path, help="JSONL whose lines carry 'candidates'")
+    p_cons.add_argument("--out", type=Path, help="output JSONL (default: stdout)")
+    p_cons.add_argument("--threshold", type=float, default=0.01, help="tau (default 0.01)")
+
+    p_exp = sub.add_parser("export", help="export records to Alpaca JSON or chat JSONL")
+    p_exp.add_argument("--format", choices=("alpaca", "chat"), required=True)
+    p_exp.add_argument("input", type=Path, help="records JSONL")
+    p_exp.add_argument("output", type=Path, help="output file")
     return parser
 
 
@@ -218,12 +613,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in backend_kinds():
                 console.print(kind)
             return EXIT_OK
+        if args.command == "generate":
+            return run_generate(args, err)
+        if args.command == "check":
+            return run_check(args, console)
+        if args.command == "consensus":
+            return run_consensus(args, err)
+        if args.command == "export":
+            return run_export(args, console)
         specs = member_specs(args)
         return asyncio.run(_run_ask(args, console, specs))
-    except UsageError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except OutputError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_OUTPUT
+    except (UsageError, ConfigError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted")
         return EXIT_INTERRUPTED
 
