@@ -22,17 +22,16 @@ import itertools
 import json
 import random
 import re
-import socket
 import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 
+from ._server import LoopbackServer
 from .faults import Fault, FaultKind, FaultPlan
 
 __all__ = ["OpenAIDouble"]
@@ -143,7 +142,7 @@ def _respond(index: int, text: str, max_tokens: int, stop: tuple[str, ...]) -> _
     return _Choice(index, tuple(pieces), finish, matched)
 
 
-class OpenAIDouble:
+class OpenAIDouble(LoopbackServer):
     """An in-process vLLM-style server on 127.0.0.1 with a free port."""
 
     def __init__(
@@ -161,6 +160,7 @@ class OpenAIDouble:
         history: int = 64,
         responder: Callable[[str, dict[str, Any]], str] | None = None,
     ) -> None:
+        super().__init__()
         self.model = model
         self.responder = responder
         """Writes a choice's text from (prompt, request body) instead of random words;
@@ -174,7 +174,6 @@ class OpenAIDouble:
         self.flat_errors = flat_errors
         self.healthy = True
         self._bearer = None if api_key is None else f"Bearer {api_key}"
-        self.url = ""
         self.requests = 0
         """Generation requests received (completions and chat, valid or not)."""
         self.counts: Counter[str] = Counter()
@@ -187,48 +186,16 @@ class OpenAIDouble:
         self._tokens = [0, 0]  # prompt, generation (for /metrics)
         self._unseeded = itertools.count()
         self._ids = itertools.count()
-        self._runner: web.AppRunner | None = None
-        self._stopping = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> str:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         if self.health_endpoint:
             app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-        self._stopping.clear()
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def stop(self) -> None:
-        self._stopping.set()  # releases hanging handlers
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- small helpers --------------------------------------------------------------------
 

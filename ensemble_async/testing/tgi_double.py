@@ -31,15 +31,14 @@ import asyncio
 import json
 import random
 import re
-import socket
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 
+from ._server import LoopbackServer
 from .faults import Fault, FaultKind, FaultPlan
 
 __all__ = ["VOCAB", "DoubleStats", "TGIDouble"]
@@ -105,8 +104,10 @@ class _Generation:
     input_length: int
 
 
-class TGIDouble:
+class TGIDouble(LoopbackServer):
     """An aiohttp server that answers like TGI.  ``start()`` returns its base URL."""
+
+    shutdown_timeout = 0.5
 
     def __init__(
         self,
@@ -128,6 +129,7 @@ class TGIDouble:
         host: str = "127.0.0.1",
         responder: Callable[[str, dict[str, Any]], str] | None = None,
     ) -> None:
+        super().__init__(host=host)
         self.model_id = model_id
         self.responder = responder
         """Writes the generated text from (inputs, parameters) instead of random words."""
@@ -152,51 +154,17 @@ class TGIDouble:
         self.stats = DoubleStats()
         self.received: deque[dict[str, Any]] = deque(maxlen=record)
         """The latest generation request bodies (parsed JSON), oldest first."""
-        self._host = host
         self._rng = random.Random(seed)
-        self._runner: web.AppRunner | None = None
-        self._stopping = asyncio.Event()
         self._active_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self.url = ""
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> str:
-        self._stopping.clear()
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self._generate)
         app.router.add_post("/generate_stream", self._generate_stream)
         app.router.add_post("/", self._compat)
         app.router.add_get("/info", self._info)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
-        )
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"http://{self._host}:{sock.getsockname()[1]}"
-        return self.url
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def wait_active(self, count: int = 1) -> None:
         """Return once at least ``count`` generation requests are being served at once
