@@ -656,6 +656,7 @@ def make_member(spec: BackendConfig, backend: Backend) -> Member:
         tpm=spec.tpm,
         retry=RetryPolicy(max_attempts=spec.max_attempts),
         timeout_s=spec.timeout_s,
+        instruction_tuned=spec.instruction_tuned,
     )
 
 

@@ -66,6 +66,8 @@ class Member:
     ``timeout_s``: per-attempt limit on the backend call (default:
     ``retry.attempt_timeout_s``).
     ``weight``: the member's share when an ensemble splits work (not used here).
+    ``instruction_tuned``: whether the model follows bare instructions; the pipeline
+    gives one that does not (a base model) few-shot answer prompts (SPEC step 4).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Member:
         global_limit: SlotSource | None = None,
         timeout_s: float | None = None,
         weight: float = 1.0,
+        instruction_tuned: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not weight > 0:
@@ -89,6 +92,7 @@ class Member:
         self.backend = backend
         self.name = name or backend.name
         self.weight = weight
+        self.instruction_tuned = instruction_tuned
         if isinstance(concurrency, AdaptiveLimiter):
             self.limiter = concurrency
             self._auto_maximum = False
@@ -195,12 +199,17 @@ class Member:
         return completions, latency
 
     def snapshot(self) -> dict[str, Any]:
-        """Stats plus the live admission state, JSON-ready."""
+        """Stats plus the live admission state, JSON-ready (with ``cache_hits`` and
+        ``cache_misses`` when the backend is a response cache wrapper)."""
         snap = self.stats.snapshot()
         snap["breaker"] = str(self.breaker.state)
         snap["limit"] = self.limiter.limit
         snap["waiting"] = self.limiter.waiting
         snap["weight"] = self.weight
+        hits = getattr(self.backend, "cache_hits", None)
+        if isinstance(hits, int):  # a CachedBackend: calls answered without the model
+            snap["cache_hits"] = hits
+            snap["cache_misses"] = int(getattr(self.backend, "cache_misses", 0))
         return snap
 
     async def aclose(self) -> None:

@@ -32,8 +32,11 @@ Record (one per kept example)::
     {"id": "ei-<16 hex>", "type": "input_output" | "output", "instruction", "input",
      "output", "provenance": {"writer", "instruction_attempt", "instruction_index",
      "novelty_max_rouge", "candidates": [{"index", "source", "status", "text", "error",
-     "finish_reason", "completion_tokens"}], "decision": {rule, index, scores, ...},
-     "preset", "seed"}}
+     "finish_reason", "completion_tokens", "prompt_style"}],
+     "decision": {rule, index, scores, ...}, "preset", "seed"}}
+
+``prompt_style`` is ``"instance"`` for candidate 0 (the writer's step-2 output) and
+``"zero_shot"`` or ``"few_shot"`` for each answer (see :class:`Pipeline`).
 
 Reject: ``{"id", "stage", "reason", "type", ...}`` with what is needed to understand it
 (the text, the candidates, the scores).
@@ -65,7 +68,12 @@ from .member import Member
 from .presets import PipelineSettings
 from .rouge import NoveltyFilter
 from .seedtasks import KINDS, SeedTask, TaskKind, split_by_kind
-from .templates import build_instance_prompt, build_instruction_prompt
+from .templates import (
+    PromptStyle,
+    build_instance_prompt,
+    build_instruction_prompt,
+    build_step4_prompt,
+)
 from .types import Completion
 
 __all__ = [
@@ -234,6 +242,11 @@ class Pipeline:
     the caller); the answerers form an :class:`Ensemble` whose candidate 0 is the
     writer's step-2 output. ``seeds`` are split by kind; each kind's seed instructions
     seed its novelty pool and fill its step-1 demos.
+
+    Each answerer gets the zero-shot prompt ``instruction + "\\n" + input`` when its
+    ``Member.instruction_tuned`` is true, else the few-shot prompt of
+    :func:`~ensemble_async.templates.build_fewshot_answer_prompt` (SPEC step 4); the
+    style is recorded per candidate (``prompt_style``).
     """
 
     def __init__(
@@ -248,6 +261,10 @@ class Pipeline:
     ) -> None:
         self.writer = writer
         self.answerers = list(answerers)
+        self.prompt_styles: list[PromptStyle] = [
+            "zero_shot" if getattr(m, "instruction_tuned", True) else "few_shot"
+            for m in self.answerers
+        ]
         self.settings = settings
         self.sink = sink
         self.events = events
@@ -528,20 +545,28 @@ class Pipeline:
             "error": None,
             "finish_reason": inst.completion.finish_reason,
             "completion_tokens": inst.completion.completion_tokens,
+            "prompt_style": "instance",
         }
         if self.ensemble is None:
             selection = select([inst.output], threshold=s.consensus_threshold)
             candidates = [writer_candidate]
             decision = {**selection.to_dict(), "policy": s.consensus_policy}
         else:
-            prompt = inst.instruction + "\n" + inst.input
-            request = s.answer_decoding.request(
-                prompt, seed=derive_seed(s.seed, "answer", inst.item.kind, inst.item.index)
-            )
+            seed = derive_seed(s.seed, "answer", inst.item.kind, inst.item.index)
+            prompts = {
+                style: build_step4_prompt(style, inst.item.kind, inst.instruction, inst.input)
+                for style in set(self.prompt_styles)
+            }
+            requests = [
+                s.answer_decoding.request(prompts[style], seed=seed) for style in self.prompt_styles
+            ]
             result = await self.ensemble.run(
-                request, given=[(self.writer.name, inst.output)], item_index=inst.item.index
+                requests, given=[(self.writer.name, inst.output)], item_index=inst.item.index
             )
-            candidates = [writer_candidate] + [_candidate(c) for c in result.candidates[1:]]
+            candidates = [writer_candidate] + [
+                _candidate(c, style)
+                for c, style in zip(result.candidates[1:], self.prompt_styles, strict=True)
+            ]
             selection = result.decision.selection
             decision = {
                 **selection.to_dict(),
@@ -587,7 +612,7 @@ class Pipeline:
         )
 
 
-def _candidate(c: Candidate) -> dict[str, Any]:
+def _candidate(c: Candidate, style: PromptStyle) -> dict[str, Any]:
     """A candidate for provenance, without timings (records must not depend on timing)."""
     return {
         "index": c.index,
@@ -597,4 +622,5 @@ def _candidate(c: Candidate) -> dict[str, Any]:
         "error": c.error,
         "finish_reason": None if c.completion is None else c.completion.finish_reason,
         "completion_tokens": None if c.completion is None else c.completion.completion_tokens,
+        "prompt_style": style,
     }

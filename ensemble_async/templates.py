@@ -16,6 +16,13 @@ continues with ``"input: ...\\noutput: ...\\n|EoS|"`` for kind ``"input_output"`
 or ``"output: ...\\n|EoS|"`` for kind ``"output"`` (type B). No demo field contains a
 blank line, because step 2 stops generation at ``"\\n\\n"``.
 
+Step 4 (answering) sends an instruction-tuned LM the zero-shot prompt
+``instruction + "\n" + input`` (:func:`build_answer_prompt`). An LM that is not
+instruction-tuned gets a few-shot prompt instead (:func:`build_fewshot_answer_prompt`):
+a header, a handful of fixed demos of the item's kind rendered like step-2 demos, then
+the item's ``instruction:`` (and ``input:``) lines and an open ``output:``, so that the
+LM continues with just the answer and stops at ``|EoS|`` (or ``"\n\n"``).
+
 The wording of the headers and every demo were written for this project.
 """
 
@@ -24,10 +31,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 from .seedtasks import TaskKind
 
+PromptStyle: TypeAlias = Literal["zero_shot", "few_shot"]
+"""How a step-4 answer prompt is built: bare (instruction-tuned LM) or with demos."""
+
 __all__ = [
+    "ANSWER_DEMOS",
+    "ANSWER_HEADER",
     "EOS",
     "INPUT_OUTPUT_DEMOS",
     "INPUT_OUTPUT_HEADER",
@@ -35,8 +48,12 @@ __all__ = [
     "OUTPUT_DEMOS",
     "OUTPUT_HEADER",
     "InstanceDemo",
+    "PromptStyle",
+    "build_answer_prompt",
+    "build_fewshot_answer_prompt",
     "build_instance_prompt",
     "build_instruction_prompt",
+    "build_step4_prompt",
     "clean_demo_instruction",
     "instance_template",
     "strip_eos",
@@ -305,3 +322,63 @@ def build_instance_prompt(kind: TaskKind, instruction: str, *, drop_eos: bool = 
     if not text:
         raise ValueError("instruction is empty")
     return f"{instance_template(kind)}instruction: {text}\n"
+
+
+ANSWER_HEADER = (
+    "Carry out each instruction below, using its input when one is given. "
+    "Write only the output, then the end marker."
+)
+"""Header of the few-shot step-4 prompt for LMs that are not instruction-tuned."""
+
+ANSWER_DEMOS: dict[TaskKind, tuple[InstanceDemo, ...]] = {
+    "input_output": (
+        INPUT_OUTPUT_DEMOS[0],  # label a review
+        INPUT_OUTPUT_DEMOS[2],  # active voice
+        INPUT_OUTPUT_DEMOS[5],  # capitals (two-line output)
+        INPUT_OUTPUT_DEMOS[13],  # sort numbers
+    ),
+    "output": (
+        OUTPUT_DEMOS[1],  # capital of Japan
+        OUTPUT_DEMOS[7],  # benefits of exercise
+        OUTPUT_DEMOS[0],  # three tips (three-line output)
+        OUTPUT_DEMOS[12],  # a percentage
+    ),
+}
+"""The fixed demos of the few-shot step-4 prompt, per kind (a handful of the step-2
+demos: short, and with no blank line, as answering stops at ``"\n\n"``)."""
+
+
+def build_answer_prompt(instruction: str, input: str) -> str:
+    """The zero-shot step-4 prompt: ``instruction + "\n" + input`` (SPEC step 4)."""
+    return instruction + "\n" + input
+
+
+def build_fewshot_answer_prompt(kind: TaskKind, instruction: str, input: str) -> str:
+    """The few-shot step-4 prompt for an LM that is not instruction-tuned.
+
+    :data:`ANSWER_HEADER`, the :data:`ANSWER_DEMOS` of ``kind`` (each closed by
+    :data:`EOS`), blank-line separated, then ``"instruction: <text>"``, an ``"input: "``
+    line when ``input`` is not empty, and ``"output:"`` with nothing after it: the LM
+    writes the answer and then ``|EoS|``.
+    """
+    if kind not in ANSWER_DEMOS:
+        raise ValueError(f"unknown task kind {kind!r}; expected 'input_output' or 'output'")
+    text = instruction.strip()
+    if not text:
+        raise ValueError("instruction is empty")
+    lines = [f"instruction: {text}"]
+    if input.strip():
+        lines.append(f"input: {input.strip()}")
+    lines.append("output:")
+    parts = [ANSWER_HEADER, *(d.render() for d in ANSWER_DEMOS[kind]), "\n".join(lines)]
+    return "\n\n".join(parts)
+
+
+def build_step4_prompt(style: PromptStyle, kind: TaskKind, instruction: str, input: str) -> str:
+    """The step-4 prompt in ``style`` (see :func:`build_answer_prompt` and
+    :func:`build_fewshot_answer_prompt`)."""
+    if style == "zero_shot":
+        return build_answer_prompt(instruction, input)
+    if style == "few_shot":
+        return build_fewshot_answer_prompt(kind, instruction, input)
+    raise ValueError(f"unknown prompt style {style!r}")
