@@ -414,3 +414,24 @@ def test_generate_exits_3_when_every_backend_fails(
     assert out.exists() and out.read_text() == ""
     rejects = read_jsonl(tmp_path / "elsewhere" / "data.rejects.jsonl")
     assert rejects and not (tmp_path / "r.jsonl").exists()
+
+
+def test_bad_seed_line_exits_2_naming_file_and_line(
+    servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seeds = tmp_path / "my_seeds.jsonl"
+    good = {
+        "id": "s1",
+        "name": "n",
+        "instruction": "Add the two numbers given.",
+        "instances": [{"input": "2 and 3", "output": "5"}],
+        "is_classification": False,
+    }
+    seeds.write_text(json.dumps(good) + "\n" + '{"id": "s2", "instruction": \n')
+    out = tmp_path / "out" / "records.jsonl"
+    text = config_text(*servers, out).replace("seed = 3", f'seed = 3\nseeds = "{seeds}"')
+    cfg = write_config(tmp_path / "cfg.toml", text)
+    assert cli.main(["generate", "--config", str(cfg)]) == cli.EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "my_seeds.jsonl:2" in err
+    assert not out.exists()
