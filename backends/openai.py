@@ -237,6 +237,18 @@ class _HTTPWire:
         await self._http.aclose()
 
 
+def _chain_mentions(exc: BaseException, secret: str) -> bool:
+    """Whether an exception chained to ``exc`` shows ``secret`` in its text."""
+    seen: set[int] = set()
+    link = exc.__cause__ or exc.__context__
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if secret in str(link) or secret in repr(link.args):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def server_root(url: str) -> str:
     """``http://host:8000`` from ``http://host:8000``, ``.../`` or ``.../v1``."""
     root = url.strip().rstrip("/")
@@ -323,6 +335,10 @@ class OpenAIBackend(BaseBackend):
             if secret and secret in exc.message:
                 exc.message = exc.message.replace(secret, "***")
                 exc.args = (exc.message,)
+            if secret and _chain_mentions(exc, secret):
+                # the cause (e.g. the SDK's own error) quotes it: drop the chain
+                exc.__cause__ = exc.__context__ = None
+                exc.__suppress_context__ = True
             raise
 
     def _chat(self, request: GenerationRequest) -> bool:
@@ -340,7 +356,9 @@ class OpenAIBackend(BaseBackend):
         with self._scrubbed():
             status, body = await self._http.get("/v1/models")
             if status >= 400:
-                raise error_from_status(status, error_message(body), backend=self.name)
+                raise error_from_status(
+                    status, error_message(self._http.scrub(body)), backend=self.name
+                )
         try:
             entries = json.loads(body)["data"]
             if self._model is None:
@@ -440,4 +458,8 @@ class OpenAIBackend(BaseBackend):
         latency = time.perf_counter() - start
         if status == 200:
             return Health(ok=True, latency_s=latency)
-        return Health(ok=False, latency_s=latency, detail=f"HTTP {status}: {error_message(body)}")
+        return Health(
+            ok=False,
+            latency_s=latency,
+            detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
+        )

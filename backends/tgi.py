@@ -266,7 +266,9 @@ class TGIBackend(BaseBackend):
     async def _fetch_info(self) -> BackendInfo:
         status, body = await self._http.get("/info", timeout=self.health_timeout)
         if status != 200:
-            raise error_from_status(status, error_message(body), backend=self.name)
+            raise error_from_status(
+                status, error_message(self._http.scrub(body)), backend=self.name
+            )
         try:
             data = json.loads(body)
         except ValueError:
@@ -305,7 +307,11 @@ class TGIBackend(BaseBackend):
         elapsed = time.perf_counter() - started
         if status == 200:
             return Health(ok=True, latency_s=elapsed)
-        return Health(ok=False, latency_s=elapsed, detail=f"HTTP {status}: {error_message(body)}")
+        return Health(
+            ok=False,
+            latency_s=elapsed,
+            detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
+        )
 
 
 def _refine(exc: BadRequestError) -> BadRequestError:

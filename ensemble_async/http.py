@@ -117,6 +117,7 @@ class HTTPTransport:
         self._session = session
         self._owns_session = session is None
         self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
         self._timeout = aiohttp.ClientTimeout(
@@ -140,6 +141,11 @@ class HTTPTransport:
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the API key (which some servers quote back) replaced by ``***``."""
+        secret = self._api_key.reveal() if self._api_key is not None else ""
+        return text.replace(secret, "***") if secret else text
 
     def __repr__(self) -> str:  # never shows headers
         return f"<HTTPTransport {self.backend!r} {self.base_url}>"
@@ -170,7 +176,7 @@ class HTTPTransport:
         body = await resp.text(errors="replace")
         raise error_from_status(
             resp.status,
-            error_message(body),
+            error_message(self.scrub(body)),  # scrub before any cut to 500 chars
             backend=self.backend,
             retry_after=parse_retry_after(resp.headers.get("Retry-After")),
         )
