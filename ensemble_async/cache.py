@@ -210,6 +210,10 @@ class ResponseCache:
                 raise CacheError(f"the response cache {self.path} is closed")
             future = self._pool.submit(fn, *args)
         waiter = asyncio.wrap_future(future)
+        if shield:
+            # If the awaiting task is cancelled, nobody reads the job's outcome: read it
+            # here so a failed write is not reported as "exception never retrieved".
+            waiter.add_done_callback(_consume_outcome)
         try:
             # A shielded job still runs when the awaiting task is cancelled (writes).
             return await (asyncio.shield(waiter) if shield else waiter)
@@ -376,3 +380,8 @@ class CachedBackend:
 
     def __repr__(self) -> str:
         return f"<CachedBackend {self.backend!r} cache={self.cache!r}>"
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

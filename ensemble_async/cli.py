@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -252,7 +253,20 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
         raise ConfigError(config.source, "run.seeds", f"{exc.strerror or exc}") from None
     mode, log_file = _progress_mode(args, err)
     try:
-        return asyncio.run(generate(config, settings, seeds, mode=mode, console=err, log=log_file))
+        try:
+            return asyncio.run(
+                generate(config, settings, seeds, mode=mode, console=err, log=log_file)
+            )
+        except BaseException as exc:
+            storage = storage_failure(exc)
+            if storage is None:
+                raise
+            raise OutputError(
+                config.source,
+                "run.output",
+                f"writing stopped: {storage} (records already written are intact; free "
+                "space and rerun the same command to continue)",
+            ) from None
     finally:
         if log_file is not None:
             log_file.close()
@@ -351,6 +365,34 @@ def _open_records(config: Config) -> Iterator[Any]:
         raise OutputError(config.source, "run.output", str(exc)) from None
     with writer:
         yield writer
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def storage_failure(exc: BaseException) -> BaseException | None:
+    """The disk-level failure (full disk, quota, read-only, I/O error) behind ``exc``,
+    looking through exception groups and causes; None when it is something else."""
+    from .cache import CacheError
+    from .records import RecordFileError
+
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CacheError | RecordFileError):
+            return current
+        if isinstance(current, OSError) and current.errno in _STORAGE_ERRNOS:
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                stack.append(linked)
+    return None
 
 
 def _all_failed(members: Sequence[Member]) -> bool:
