@@ -123,9 +123,15 @@ class Member:
         self.breaker.on_change = on_change
 
     async def start(self) -> None:
-        """Read the server's facts; its ``max_concurrency`` bounds the adaptive limit."""
+        """Read the server's facts; its ``max_concurrency`` bounds the adaptive limit.
+
+        Bounded by the per-attempt timeout: a server that accepts connections and never
+        answers delays the start by that much at most, and the member goes on without
+        the facts.
+        """
         try:
-            info = await self.backend.info()
+            async with attempt_timeout(self.timeout_s, backend=self.name):
+                info = await self.backend.info()
         except BackendError as exc:
             log.warning("member %s: could not read backend info: %s", self.name, exc)
             return

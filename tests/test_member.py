@@ -295,6 +295,19 @@ async def test_start_reads_the_servers_max_concurrency() -> None:
     assert unknown.limiter.maximum == 8
 
 
+async def test_start_is_bounded_when_the_server_never_answers_its_info() -> None:
+    class Hanging(FakeBackend):
+        async def info(self) -> BackendInfo:
+            await asyncio.Event().wait()  # accepts, never answers
+            raise AssertionError("unreachable")
+
+    member = Member(Hanging(max_concurrency=64), concurrency=8, timeout_s=0.05)
+    await asyncio.wait_for(member.start(), 10)  # gives up on the facts, not on the member
+    assert member.limiter.maximum == 8
+    (done,) = await member.generate(GenerationRequest(prompt="p"))
+    assert done.text == "text 0"
+
+
 async def test_context_manager_starts_and_closes_the_backend() -> None:
     backend = FakeBackend(max_concurrency=12)
     async with Member(backend, name="m1") as member:
