@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from served import Server
 
 from ensemble_async import cli
 
@@ -28,40 +29,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CASES = SHARED / "reference" / "ensemble-instruct" / "consensus_cases.jsonl"
 
 
-class Server:
-    def __init__(self, kind: str, ei: str, latency: float = 0.0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ensemble_async.testing.serve",
-                kind,
-                "--ei",
-                ei,
-                "--latency",
-                str(latency),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # blocks until the server listens
-        assert line.startswith("URL "), line
-        self.url = line.split()[1]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[str, str]]:
-    tgi = Server("tgi", "writer-lm", latency=0.002)
-    oai = Server("openai", "answer-lm", latency=0.002)
+    tgi = Server("tgi", "--ei", "writer-lm", "--latency", "0.002")
+    oai = Server("openai", "--ei", "answer-lm", "--latency", "0.002")
     try:
         yield tgi.url, oai.url
     finally:
@@ -408,9 +379,11 @@ def test_export_missing_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_serve_module_stops_on_sigterm() -> None:
-    server = Server("openai", "x")
+    server = Server("openai", "--ei", "x")
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
+    assert server.proc.stdout is not None
+    server.proc.stdout.close()
 
 
 def test_generate_exits_3_when_every_backend_fails(

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from served import Server
 
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.backends.tgi import TGIBackend
@@ -54,30 +55,6 @@ def leaks(data: bytes, secrets: list[str]) -> list[str]:
         if s.encode() in data or core.encode() in data:
             found.append(s)
     return found
-
-
-class Server:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ensemble_async.testing.serve", *args],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # blocks until the server listens
-        assert line.startswith("URL "), line
-        self.url = line.split()[1]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture
