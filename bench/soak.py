@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from ensemble_async.presets import PipelineSettings
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.seedtasks import load_seed_tasks
 from ensemble_async.testing.ei_responder import EIResponder
-from ensemble_async.testing.faults import Fault, FaultKind, FaultPlan
+from ensemble_async.testing.faults import Fault, FaultPlan
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
 
@@ -50,22 +49,6 @@ FAULTS = (
     *[Fault.truncate()] * 2,
     Fault.hang(),
 )
-
-
-class CountingPlan(FaultPlan):
-    """A ``FaultPlan`` that counts the faults it hands out, by kind (status code for
-    STATUS faults)."""
-
-    def __init__(self, rate: float, choices: Iterable[Fault], *, seed: int) -> None:
-        super().__init__(rate, choices, seed=seed)
-        self.by_kind: Counter[str] = Counter()
-
-    def next(self) -> Fault | None:
-        fault = super().next()
-        if fault is not None:
-            kind = str(fault.code) if fault.kind is FaultKind.STATUS else fault.kind.value
-            self.by_kind[kind] += 1
-        return fault
 
 
 class CountingSink:
@@ -111,7 +94,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         attempt_timeout_s=args.attempt_timeout,
     )
     plans = {
-        name: CountingPlan(args.fault_rate, FAULTS, seed=args.seed + k)
+        name: FaultPlan(args.fault_rate, FAULTS, seed=args.seed + k)
         for k, name in enumerate(("writer", "a1", "a2"))
     }
     settings = PipelineSettings.preset(

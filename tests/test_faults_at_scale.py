@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable
 from contextlib import AsyncExitStack
 
 from ensemble_async.admission import AdaptiveLimiter
@@ -28,31 +27,12 @@ from ensemble_async.ensemble import Ensemble, EnsembleResult
 from ensemble_async.errors import BackendError
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryEvent, RetryPolicy
-from ensemble_async.testing.faults import Fault, FaultKind, FaultPlan
+from ensemble_async.testing.faults import Fault, FaultPlan
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
 from ensemble_async.types import Completion, GenerationRequest, TextDelta
 
 MAX_NEW_TOKENS = 32
-
-
-def label(fault: Fault) -> str:
-    """A fault's kind as counted here: the status code for STATUS faults."""
-    return str(fault.code) if fault.kind is FaultKind.STATUS else fault.kind.value
-
-
-class CountingPlan(FaultPlan):
-    """A ``FaultPlan`` that also counts the faults it hands out, by ``label``."""
-
-    def __init__(self, rate: float, choices: Iterable[Fault], *, seed: int) -> None:
-        super().__init__(rate, choices, seed=seed)
-        self.by_kind: Counter[str] = Counter()
-
-    def next(self) -> Fault | None:
-        fault = super().next()
-        if fault is not None:
-            self.by_kind[label(fault)] += 1
-        return fault
 
 
 # The non-streaming mix; duplicates weight the draw.  One hang in 13 faults keeps the
@@ -97,7 +77,7 @@ async def test_ten_thousand_requests_with_faults() -> None:
         # short enough that the ~150 hangs cost little: they hold a slot, not the run.
         attempt_timeout_s=2.0,
     )
-    plans = [CountingPlan(0.2, PLAIN_FAULTS, seed=s) for s in (11, 12, 13)]
+    plans = [FaultPlan(0.2, PLAIN_FAULTS, seed=s) for s in (11, 12, 13)]
     async with AsyncExitStack() as stack:
         t1 = await stack.enter_async_context(TGIDouble(faults=plans[0]))
         t2 = await stack.enter_async_context(TGIDouble(faults=plans[1]))
@@ -213,7 +193,7 @@ STREAM_FAULTS = (
 async def test_streams_recover_from_faults() -> None:
     per_double = 200
     policy = RetryPolicy(max_attempts=8, initial_backoff_s=0.001, max_backoff_s=0.02)
-    plans = [CountingPlan(0.3, STREAM_FAULTS, seed=s) for s in (21, 22)]
+    plans = [FaultPlan(0.3, STREAM_FAULTS, seed=s) for s in (21, 22)]
     async with AsyncExitStack() as stack:
         tgi = await stack.enter_async_context(TGIDouble(faults=plans[0]))
         oa = await stack.enter_async_context(OpenAIDouble(faults=plans[1]))

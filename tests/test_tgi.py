@@ -581,3 +581,12 @@ async def test_double_overloaded_beyond_max_concurrent_requests() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await first
         assert double.stats.rejected == 2
+
+
+def test_fault_plan_counts_what_it_hands_out_by_label() -> None:
+    plan = FaultPlan()
+    plan.push(Fault.status(429), Fault.reset(), Fault.status(429))
+    handed = [plan.next() for _ in range(4)]
+    assert handed[3] is None
+    assert plan.injected == 3
+    assert plan.by_kind == {"429": 2, "reset": 1}

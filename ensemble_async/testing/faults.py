@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,6 +52,11 @@ class Fault:
     message: str = "injected fault"
     error_type: str = "generation"
     """Protocol error type, e.g. TGI's overloaded / validation / generation."""
+
+    @property
+    def label(self) -> str:
+        """A short name for counting: the status code for STATUS faults, else the kind."""
+        return str(self.code) if self.kind is FaultKind.STATUS else self.kind.value
 
     @classmethod
     def status(
@@ -123,6 +128,8 @@ class FaultPlan:
         self._queue: deque[Fault] = deque()
         self.injected = 0
         """How many faults have been handed out so far."""
+        self.by_kind: Counter[str] = Counter()
+        """The faults handed out so far, by ``Fault.label``."""
         self.set_rate(rate, choices, seed=seed)
 
     def push(self, *faults: Fault) -> None:
@@ -151,9 +158,11 @@ class FaultPlan:
     def next(self) -> Fault | None:
         """The fault for the request at hand, or None for a normal answer."""
         if self._queue:
-            self.injected += 1
-            return self._queue.popleft()
-        if self.rate > 0.0 and self._rng.random() < self.rate:
-            self.injected += 1
-            return self._rng.choice(self.choices)
-        return None
+            fault = self._queue.popleft()
+        elif self.rate > 0.0 and self._rng.random() < self.rate:
+            fault = self._rng.choice(self.choices)
+        else:
+            return None
+        self.injected += 1
+        self.by_kind[fault.label] += 1
+        return fault
