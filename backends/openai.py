@@ -261,6 +261,7 @@ class OpenAIBackend(BaseBackend):
     ``GET /v1/models`` on first use."""
 
     kind = "openai"
+    requires = ("url",)
 
     def __init__(
         self,

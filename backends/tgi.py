@@ -69,6 +69,7 @@ class TGIBackend(BaseBackend):
     """
 
     kind = "tgi"
+    requires = ("url",)
     health_timeout: float = 10.0
     """Time limit of /health and /info requests."""
 

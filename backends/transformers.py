@@ -199,6 +199,7 @@ class TransformersBackend(BaseBackend):
     """
 
     kind = "transformers"
+    requires = ("model",)
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from .types import BackendInfo, Completion, GenerationRequest, Health, StreamEvent
 
@@ -48,6 +48,10 @@ class BaseBackend:
     """Convenience base: a name and the async context manager around ``aclose``."""
 
     kind: str = "base"
+    requires: ClassVar[tuple[str, ...]] = ()
+    """The construction options this kind cannot do without, by name (``("url",)`` for a
+    server, ``("model",)`` for a local model).  Config loading and the command line read
+    this instead of keeping their own list of built-in kinds."""
 
     def __init__(self, *, name: str | None = None) -> None:
         self._name = name or self.kind
