@@ -182,6 +182,8 @@ class TGIBackend(BaseBackend):
         started = time.perf_counter()
         if self._endpoint == "compat":
             payload["stream"] = False
+            # POST / returns the prompt too unless told otherwise (text-generation models)
+            payload["parameters"].setdefault("return_full_text", False)
         try:
             data = await self._http.post_json(
                 "/" if self._endpoint == "compat" else "/generate", payload
@@ -215,6 +217,7 @@ class TGIBackend(BaseBackend):
         payload = self._payload(request, request.seed)
         if self._endpoint == "compat":
             payload["stream"] = True
+            payload["parameters"].setdefault("return_full_text", False)
         path = "/" if self._endpoint == "compat" else "/generate_stream"
         held = _StopHoldback(request.stop)
         started = time.perf_counter()

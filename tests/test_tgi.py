@@ -373,7 +373,8 @@ async def test_transport_faults_generate(
     ("fault", "error", "needle"),
     [
         (Fault.reset(), errors.ConnectError, None),
-        (Fault.truncate(), errors.MalformedResponseError, "truncated"),
+        # TGI ends a generation cut short with an error event (500 incomplete_generation_stream)
+        (Fault.truncate(), errors.ServerError, "incomplete_generation_stream"),
         (Fault.malformed(), errors.MalformedResponseError, "not JSON"),
         (Fault.empty(), errors.MalformedResponseError, "truncated"),
         (Fault.stream_error("busy", "overloaded"), errors.OverloadedError, "busy"),

@@ -60,7 +60,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _ERROR_TYPES = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError"}
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
