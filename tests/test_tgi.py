@@ -156,7 +156,7 @@ async def test_finish_reasons_and_token_counts(backend: TGIBackend, double: TGID
     assert short.finish_reason == "length"
     assert short.completion_tokens == 3
     assert len(short.text.split()) <= 3
-    assert short.prompt_tokens is None  # plain /generate does not report it
+    assert short.prompt_tokens == len(PROMPT.split())  # from TGI's x-prompt-tokens header
 
     full = await one(backend, max_new_tokens=500)  # ends with EOS before 500 tokens
     assert full.finish_reason == "stop"

@@ -182,6 +182,7 @@ class OpenAIDouble(LoopbackServer):
         responder: Callable[[str, dict[str, Any]], str] | None = None,
         logprobs: bool = True,
         max_logprobs: int = 20,
+        echo_max_tokens_zero: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -189,6 +190,8 @@ class OpenAIDouble(LoopbackServer):
         """Honour ``logprobs``, ``echo`` and ``prompt_logprobs``; False answers like a
         server that ignores them (TGI's /v1): ``logprobs: null`` and no echo."""
         self.max_logprobs = max_logprobs
+        self.echo_max_tokens_zero = echo_max_tokens_zero
+        """Accept ``max_tokens: 0`` with ``echo`` (vLLM does; older servers want >= 1)."""
         self.responder = responder
         """Writes a choice's text from (prompt, request body) instead of random words;
         ``max_tokens`` (a token is a whitespace-led word) and stop strings still apply."""
@@ -358,7 +361,7 @@ class OpenAIDouble(LoopbackServer):
         if max_tokens is None:
             max_tokens = max(1, self.max_model_len - longest)
         logprobs, echo, prompt_logprobs = self._logprob_fields(p, chat, stream)
-        echo_only = echo and max_tokens == 0
+        echo_only = echo and max_tokens == 0 and self.echo_max_tokens_zero
         _want(
             _is_int(max_tokens) and (max_tokens >= 1 or echo_only),
             "max_tokens",

@@ -167,6 +167,7 @@ class TGIDouble(LoopbackServer):
         max_top_n_tokens: int = 5,
         max_client_batch_size: int = 4,
         pipeline_tag: str | None = "text-generation",
+        prefill_logprobs: bool = True,
     ) -> None:
         super().__init__(host=host)
         self.model_id = model_id
@@ -174,6 +175,9 @@ class TGIDouble(LoopbackServer):
         self.max_client_batch_size = max_client_batch_size
         self.pipeline_tag = pipeline_tag
         """``text-generation`` makes ``POST /`` return the full text by default."""
+        self.prefill_logprobs = prefill_logprobs
+        """False plays a server whose ``decoder_input_details`` gives an empty prefill
+        (some TGI backends), so it cannot score given text."""
         self.responder = responder
         """Writes the generated text from (inputs, parameters) instead of random words."""
         self.latency = latency
@@ -345,7 +349,7 @@ class TGIDouble(LoopbackServer):
 
     def _details(self, gen: _Generation, params: dict[str, Any]) -> dict[str, Any]:
         prefill: list[dict[str, Any]] = []
-        if params.get("decoder_input_details"):
+        if params.get("decoder_input_details") and self.prefill_logprobs:
             prefill = prefill_tokens(self._last_inputs(gen, params))
         details: dict[str, Any] = {
             "finish_reason": gen.finish_reason,
