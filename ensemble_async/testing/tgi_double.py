@@ -12,17 +12,37 @@ seeded by the prompt (greedy) or the prompt and the seed (sampling), so differen
 give different text.  Each prompt has a "natural" length after which the EOS token comes.
 Stop strings end the text when it ends with one (TGI leaves the stop string in), and
 ``max_new_tokens`` ends it with finish_reason ``length``.  A prompt token is a
-whitespace-separated word.
+whitespace-led word (trailing whitespace joins the last one).  Log-probs come from the
+doubles' made-up model (``_lm``): the same text gets the same values whether generated
+(``details.tokens``) or read back as prompt (``details.prefill``).
 
 ``responder(inputs, parameters) -> str``, when given, writes the text instead (e.g.
 Ensemble-Instruct-shaped completions for pipeline tests); the double still applies
 ``max_new_tokens`` (a token is a whitespace-led word) and the stop strings (left in, as
-TGI does).  Streamed token events then carry placeholder tokens; the final event's
-``generated_text`` is the responder's text.
+TGI does).
+
+What it speaks, as TGI 3.3 does:
+
+* ``POST /generate``, ``/generate_stream`` and ``/`` (a list of one answer; the full
+  text by default when ``pipeline_tag`` is ``text-generation``); ``details`` (also given
+  by ``decoder_input_details`` alone), ``prefill`` with log-probs (the first is null),
+  ``top_n_tokens`` (``top_tokens``), ``best_of``; a request without ``parameters`` samples
+  (TGI's default ``do_sample: true``); the ``x-*`` timing and token-count headers
+  (``x-prompt-tokens``, ``x-generated-tokens``, ...).
+* ``POST /v1/chat/completions`` and ``/v1/completions`` the TGI way: one choice whatever
+  ``n`` says, temperature 0 is greedy, ``echo`` and completion ``logprobs`` ignored,
+  chat ``logprobs`` + ``top_logprobs``, ``eos_token`` read as ``stop`` and
+  ``stop_sequence`` kept; errors in streams as ``{"error": {"message",
+  "http_status_code"}}`` events, streams end with ``[DONE]``.
+* ``POST /tokenize`` (tokens with character spans), ``GET /info``, ``/health``,
+  ``/v1/models``, ``/metrics`` (``tgi_`` names).
 
 Validation, error bodies and statuses follow TGI: 422 ``validation`` errors (in streams:
 an error event under HTTP 200), 429 ``overloaded`` beyond ``max_concurrent_requests``,
-plain-text 400/422/415 for bodies that are not the expected JSON.
+424 for a failed generation (``Fault.generation_error``), plain-text 400/422/415 for
+bodies that are not the expected JSON; a truncated stream (``Fault.truncate``) ends with
+an ``incomplete_generation_stream`` error event.  ``prefill_logprobs=False`` plays a
+backend whose prefill is always empty (it cannot score given text).
 """
 
 from __future__ import annotations
