@@ -22,7 +22,7 @@ _WORD = re.compile(r"\s*\S+")
 def logprob(context: str, token: str) -> float:
     """log P(token | context) under the made-up model."""
     key = f"{context[-CONTEXT_CHARS:]}\x00{token}".encode()
-    return -round(0.05 + (zlib.crc32(key) % 4001) / 1000.0, 3)
+    return -(50 + zlib.crc32(key) % 4001) / 1000  # three decimals, exactly as written
 
 
 def token_id(text: str, vocab_size: int = 32000) -> int:

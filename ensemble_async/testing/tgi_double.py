@@ -130,9 +130,13 @@ class _Generation:
     pieces: list[str] = field(default_factory=list)
     """Each generated token's text (``</s>`` for the EOS token), aligned with ``ids``."""
     logprobs: list[float] = field(default_factory=list)
-    contexts: list[str] = field(default_factory=list)
-    """The text before each generated token (the prompt, then what came so far)."""
     inputs: str = ""
+
+    def context(self, i: int) -> str:
+        """The text before generated token ``i`` (the prompt, then what came so far)."""
+        return self.inputs + "".join(
+            p for p, t in zip(self.pieces[:i], self.ids, strict=False) if t != EOS_ID
+        )
 
     def token(self, i: int, top_n: int = 0) -> str:
         """Token ``i`` as TGI's JSON ``{id, text, logprob, special}``."""
@@ -145,7 +149,7 @@ class _Generation:
 
     def top_tokens(self, i: int, n: int) -> list[dict[str, Any]]:
         """The ``n`` most likely tokens at step ``i`` (the chosen one first)."""
-        context = self.contexts[i]
+        context = self.context(i)
         alts = _lm.alternatives(context, self.pieces[i], VOCAB, n - 1)
         out = [json.loads(self.token(i))]
         for alt in alts:
@@ -321,19 +325,15 @@ class TGIDouble(LoopbackServer):
     ) -> _Generation:
         """Log-probs from the made-up model (the context is the prompt as it stands, then
         the text so far), and the prompt in front when ``return_full_text``."""
-        contexts: list[str] = []
         logprobs: list[float] = []
-        context = inputs
+        tail = inputs[-_lm.CONTEXT_CHARS :]  # all the made-up model looks at
         for tid, piece in zip(ids, pieces, strict=True):
-            contexts.append(context)
-            logprobs.append(_lm.logprob(context, piece))
+            logprobs.append(_lm.logprob(tail, piece))
             if tid != EOS_ID:
-                context += piece
+                tail = (tail + piece)[-_lm.CONTEXT_CHARS :]
         if params.get("return_full_text"):
             text = inputs + text
-        return _Generation(
-            text, ids, finish, seed, input_length, pieces, logprobs, contexts, inputs
-        )
+        return _Generation(text, ids, finish, seed, input_length, pieces, logprobs, inputs)
 
     def _respond(
         self,
@@ -939,7 +939,13 @@ def _fast_answer(gen: _Generation, details: bool) -> str:
     text = json.dumps(gen.text)
     if not details:
         return f'{{"generated_text": {text}}}'
-    tokens = ", ".join([gen.token(i) for i in range(len(gen.ids))])
+    tokens = ", ".join(
+        [
+            f'{{"id": {t}, "text": {_TEXT_JSON[t] if t <= EOS_ID else json.dumps(piece)}, '
+            f'"logprob": {lp}, "special": {"true" if t == EOS_ID else "false"}}}'
+            for t, piece, lp in zip(gen.ids, gen.pieces, gen.logprobs, strict=True)
+        ]
+    )
     seed = "null" if gen.seed is None else gen.seed
     return (
         f'{{"generated_text": {text}, "details": {{"finish_reason": "{gen.finish_reason}", '
