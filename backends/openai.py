@@ -492,9 +492,15 @@ class OpenAIBackend(BaseBackend):
             )
         prompt = request.prompt
         model = await self._model_id()
-        return list(
-            await asyncio.gather(*(self._score_one(prompt, c, model) for c in request.completions))
-        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._score_one(prompt, c, model))
+                    for c in request.completions
+                ]
+        except BaseExceptionGroup as failed:  # the first failure cancelled the others
+            raise failed.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     async def check_scoring(self) -> None:
         """Send one tiny scoring request; ScoringUnsupportedError when it cannot work."""

@@ -343,9 +343,7 @@ class TGIBackend(BaseBackend):
             )
         prompt = request.prompt
         model = self._info.model if self._info else None
-        return list(
-            await asyncio.gather(*(self._score_one(prompt, c, model) for c in request.completions))
-        )
+        return await _all(self._score_one(prompt, c, model) for c in request.completions)
 
     async def check_scoring(self) -> None:
         """Send one tiny scoring request; ScoringUnsupportedError when it cannot work."""
@@ -377,8 +375,8 @@ class TGIBackend(BaseBackend):
             },
         }
         try:
-            data, spans = await asyncio.gather(
-                self._http.post_json("/generate", payload), self._token_spans(text)
+            data, spans = await _all(
+                [self._http.post_json("/generate", payload), self._token_spans(text)]
             )
         except BadRequestError as exc:
             raise _refine(exc) from exc
@@ -497,3 +495,14 @@ def _first_covering(texts: list[str], length: int) -> int:
         if covered >= length:
             return i
     return 0
+
+
+async def _all(coros: Any) -> list[Any]:
+    """Await the coroutines together, results in order; the first failure cancels the
+    rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as failed:
+        raise _first_leaf(failed) from None
+    return [t.result() for t in tasks]
