@@ -163,6 +163,11 @@ async def test_tgi_v1_chat_stream(tgi: TGIDouble) -> None:
     assert events(text)[0]["error"]["http_status_code"] == 422
     status, _, text = await post(tgi.url + "/v1/chat/completions", {**bad, "stream": False})
     assert status == 422 and json.loads(text)["error_type"] == "validation"
+    tgi.faults.push(Fault.truncate(), Fault.stream_error("boom"))
+    for needle in ("Incomplete generation stream", "boom"):
+        status, _, text = await post(tgi.url + "/v1/chat/completions", body)
+        assert status == 200 and text.rstrip().endswith("[DONE]")
+        assert events(text)[-1]["error"] == {"message": needle, "http_status_code": 422}
 
 
 # -- OpenAI -------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ _TEXT_JSON = (*(json.dumps(t) for t in VOCAB), json.dumps(EOS_TEXT))
 _WORD_RE = re.compile(r"\s*\S+|\s+")
 
 _INCOMPLETE_STREAM = "incomplete_generation_stream"
+_EVENT_FAULTS = (FaultKind.TRUNCATE, FaultKind.STREAM_ERROR, FaultKind.MALFORMED)
 _STATUS_OF_ERROR = {
     "overloaded": 429,
     "validation": 422,
@@ -593,6 +594,8 @@ class TGIDouble(LoopbackServer):
         fault = self.faults.next()
         if fault is not None:
             stats.faults += 1
+            if openai is not None and stream and fault.kind in _EVENT_FAULTS:
+                return await self._act_openai_stream(fault, request)
             return await self._act(fault, request, stream=stream)
         if stats.active >= self.max_concurrent_requests:
             stats.rejected += 1
@@ -869,6 +872,39 @@ class TGIDouble(LoopbackServer):
         return resp
 
     # -- faults -----------------------------------------------------------------------
+
+    async def _act_openai_stream(self, fault: Fault, request: web.Request) -> web.StreamResponse:
+        """Stream faults on the /v1 routes, in their shape: TGI turns every error into
+        ``{"error": {"message", "http_status_code": 422}}`` and still ends with [DONE]."""
+        chunk = {
+            "object": "chat.completion.chunk",
+            "id": "",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "system_fingerprint": f"{_VERSION}-native",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": " fault"},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            "usage": None,
+        }
+        resp = await self._open_stream(request)
+        if fault.kind is FaultKind.MALFORMED:
+            await resp.write(self._sse(chunk) + f"{self._sse_head()}{{oops\n\n".encode())
+        else:
+            message = (
+                "Incomplete generation stream"
+                if fault.kind is FaultKind.TRUNCATE
+                else fault.message
+            )
+            error = {"error": {"message": message, "http_status_code": 422}}
+            await resp.write(self._sse(chunk) + self._sse(error) + self._sse_done())
+        await resp.write_eof()
+        return resp
 
     async def _act(self, fault: Fault, request: web.Request, *, stream: bool) -> web.StreamResponse:
         kind = fault.kind
