@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import pytest
 from aiohttp import web
@@ -53,9 +54,14 @@ async def tgi() -> AsyncIterator[TGIDouble]:
 # -- OpenAI-compatible ----------------------------------------------------------------
 
 
-async def test_openai_scores_completion_tokens_only(vllm: OpenAIDouble) -> None:
+@pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
+async def test_openai_scores_completion_tokens_only(
+    vllm: OpenAIDouble, transport: Literal["aiohttp", "sdk"]
+) -> None:
+    if transport == "sdk":
+        pytest.importorskip("openai")
     completions = (" green moss and ancient stone", " water", " ")
-    async with OpenAIBackend(vllm.url, name="v") as backend:
+    async with OpenAIBackend(vllm.url, name="v", transport=transport) as backend:
         assert can_score(backend)
         scores = await backend.score(ScoreRequest(prompt=PROMPT, completions=completions))
     assert [s.text for s in scores] == list(completions)
