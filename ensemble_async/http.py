@@ -190,8 +190,15 @@ class HTTPTransport:
         ):
             return resp.status, await resp.text(errors="replace")
 
-    async def post_json(self, path: str, payload: Mapping[str, Any]) -> Any:
-        """POST JSON and return the decoded JSON answer; non-2xx raises our error."""
+    async def post_json(
+        self,
+        path: str,
+        payload: Mapping[str, Any],
+        *,
+        response_headers: dict[str, str] | None = None,
+    ) -> Any:
+        """POST JSON and return the decoded JSON answer; non-2xx raises our error.
+        ``response_headers``, when given, receives the answer's headers."""
         async with (
             self._translate(),
             self.session.post(
@@ -200,6 +207,8 @@ class HTTPTransport:
         ):
             await self._raise_for_status(resp)
             raw = await resp.read()
+            if response_headers is not None:
+                response_headers.update(resp.headers)
         try:
             return json.loads(raw)
         except ValueError as exc:
