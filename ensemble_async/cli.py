@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from .backend import Backend
+from .backend import Backend, health_of, info_of
 from .config import (
     Config,
     ConfigError,
@@ -346,7 +346,7 @@ async def _open_cache(config: Config) -> AsyncIterator[Any]:
     from .cache import CacheError, ResponseCache
 
     try:
-        cache = ResponseCache(config.run.cache_file)
+        cache = await ResponseCache.open(config.run.cache_file)
     except CacheError as exc:
         raise OutputError(config.source, "run.cache_path", str(exc)) from None
     try:
@@ -428,13 +428,13 @@ async def probe_backend(
     probe = Probe(name, kind, target)
     try:
         async with asyncio.timeout(timeout):
-            health = await backend.health()
+            health = await health_of(backend)
         probe.healthy = health.ok
         probe.health_detail = health.detail
         if not health.ok:
             return probe
         async with asyncio.timeout(timeout):
-            info = await backend.info()
+            info = await info_of(backend)
         probe.model = info.model
         request = GenerationRequest(prompt="Hello", max_new_tokens=1, temperature=0.0)
         started = time.perf_counter()
