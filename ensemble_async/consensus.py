@@ -28,7 +28,10 @@ One candidate is kept when it is not empty (``"single"``); no candidates: ``"non
 
 :class:`IncrementalSelector` makes the same decision while candidates arrive one by one,
 and says as soon as the outcome can no longer change (``policy="exact"``), or decides
-earlier by agreement (``"quorum"``) or when told to (``"deadline"``).
+earlier by agreement (``"quorum"``) or when told to (``"deadline"``).  With
+``min_candidates`` set, a decision needs that many arrived candidates: fewer is rule
+``"too-few-candidates"`` (nothing kept), decided as soon as the failures make the
+number unreachable.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ RULES = (
     "empty",
     "none",
     "quorum",
+    "too-few-candidates",
 )
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -270,6 +274,12 @@ class IncrementalSelector:
 
     :meth:`finalize` decides now, for any policy, with the arrived candidates. Once made, a
     decision never changes: later :meth:`add` calls return it again.
+
+    ``min_candidates`` (default: no minimum): fewer arrived candidates than this give rule
+    ``"too-few-candidates"`` and keep nothing, whatever they say.  No policy decides
+    early on fewer arrived candidates, so ``"exact"`` still decides exactly what waiting
+    for everyone gives; once failures leave too few candidates possible, that rule is
+    decided at once.
     """
 
     def __init__(
@@ -282,9 +292,14 @@ class IncrementalSelector:
         weights: Sequence[float] | None = None,
         quorum: int = 2,
         agreement: float = 1.0,
+        min_candidates: int | None = None,
     ) -> None:
         if n_expected < 0:
             raise ValueError("n_expected must be >= 0")
+        if min_candidates is not None and not 1 <= min_candidates <= max(1, n_expected):
+            raise ValueError(
+                f"min_candidates must be in 1..{max(1, n_expected)}, got {min_candidates}"
+            )
         if policy not in ("exact", "quorum", "deadline"):
             raise ValueError(f"unknown policy {policy!r}")
         if quorum < 2:
@@ -297,6 +312,7 @@ class IncrementalSelector:
         self.weights = weights
         self.quorum = quorum
         self.agreement = agreement
+        self.min_candidates = min_candidates
         self._texts: dict[int, str] = {}
         self._norms: dict[int, str] = {}
         self._failed: set[int] = set()
@@ -355,6 +371,15 @@ class IncrementalSelector:
         return sorted(self._texts.items())
 
     def _batch(self, *, early: bool) -> Decision:
+        if self.min_candidates is not None and len(self._texts) < self.min_candidates:
+            selection = Selection(
+                None,
+                None,
+                "too-few-candidates",
+                tuple(sorted(self._texts)),
+                threshold=self.threshold,
+            )
+            return Decision(selection, self.policy, tuple(sorted(self._texts)), early)
         selection = _decide(
             self._items(),
             threshold=self.threshold,
@@ -373,8 +398,12 @@ class IncrementalSelector:
         return score
 
     def _update(self) -> Decision | None:
-        if not self.missing:
+        missing = self.missing
+        if not missing:
             self._decision = self._batch(early=False)
+        elif self.min_candidates is not None and len(self._texts) < self.min_candidates:
+            if len(self._texts) + len(missing) < self.min_candidates:
+                self._decision = self._batch(early=True)  # too few can still come
         elif self.policy == "exact":
             self._decision = self._exact_early()
         elif self.policy == "quorum":
