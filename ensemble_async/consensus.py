@@ -29,9 +29,9 @@ One candidate is kept when it is not empty (``"single"``); no candidates: ``"non
 :class:`IncrementalSelector` makes the same decision while candidates arrive one by one,
 and says as soon as the outcome can no longer change (``policy="exact"``), or decides
 earlier by agreement (``"quorum"``) or when told to (``"deadline"``).  With
-``min_candidates`` set, a decision needs that many arrived candidates: fewer is rule
-``"too-few-candidates"`` (nothing kept), decided as soon as the failures make the
-number unreachable.
+``min_candidates`` set, a decision needs that many candidates that arrived or failed for
+their own reason: fewer is rule ``"too-few-candidates"`` (nothing kept), decided as soon
+as unavailable ones make the number unreachable.
 """
 
 from __future__ import annotations
@@ -275,10 +275,12 @@ class IncrementalSelector:
     :meth:`finalize` decides now, for any policy, with the arrived candidates. Once made, a
     decision never changes: later :meth:`add` calls return it again.
 
-    ``min_candidates`` (default: no minimum): fewer arrived candidates than this give rule
-    ``"too-few-candidates"`` and keep nothing, whatever they say.  No policy decides
-    early on fewer arrived candidates, so ``"exact"`` still decides exactly what waiting
-    for everyone gives; once failures leave too few candidates possible, that rule is
+    ``min_candidates`` (default: no minimum): how many candidates must have *answered*:
+    arrived, or failed for their own reason (``fail(i, unavailable=False)``: a bad
+    request, a context too long; such an answer is final).  Fewer give rule
+    ``"too-few-candidates"`` and keep nothing, whatever the arrived ones say.  No policy
+    decides early on fewer, so ``"exact"`` still decides exactly what waiting for
+    everyone gives; once unavailable candidates leave too few possible, that rule is
     decided at once.
     """
 
@@ -316,6 +318,7 @@ class IncrementalSelector:
         self._texts: dict[int, str] = {}
         self._norms: dict[int, str] = {}
         self._failed: set[int] = set()
+        self._answered_failures: set[int] = set()
         self._pairs: dict[tuple[int, int], float] = {}
         self._decision: Decision | None = None
 
@@ -351,10 +354,14 @@ class IncrementalSelector:
             return self._decision
         return self._update()
 
-    def fail(self, index: int) -> Decision | None:
-        """Record that candidate ``index`` will never arrive."""
+    def fail(self, index: int, *, unavailable: bool = True) -> Decision | None:
+        """Record that candidate ``index`` will never arrive: its source was unavailable
+        (default), or it failed for its own reason (``unavailable=False``), which counts
+        as an answer towards ``min_candidates``."""
         self._check_new(index)
         self._failed.add(index)
+        if not unavailable:
+            self._answered_failures.add(index)
         if self._decision is not None:
             return self._decision
         return self._update()
@@ -370,8 +377,11 @@ class IncrementalSelector:
     def _items(self) -> list[tuple[int, str]]:
         return sorted(self._texts.items())
 
+    def _answered(self) -> int:
+        return len(self._texts) + len(self._answered_failures)
+
     def _batch(self, *, early: bool) -> Decision:
-        if self.min_candidates is not None and len(self._texts) < self.min_candidates:
+        if self.min_candidates is not None and self._answered() < self.min_candidates:
             selection = Selection(
                 None,
                 None,
@@ -401,8 +411,8 @@ class IncrementalSelector:
         missing = self.missing
         if not missing:
             self._decision = self._batch(early=False)
-        elif self.min_candidates is not None and len(self._texts) < self.min_candidates:
-            if len(self._texts) + len(missing) < self.min_candidates:
+        elif self.min_candidates is not None and self._answered() < self.min_candidates:
+            if self._answered() + len(missing) < self.min_candidates:
                 self._decision = self._batch(early=True)  # too few can still come
         elif self.policy == "exact":
             self._decision = self._exact_early()

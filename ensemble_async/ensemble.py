@@ -42,9 +42,6 @@ context too long); ``unavailable``: the member could not answer (retries spent o
 timeouts, refused connections, 5xx, 429); ``circuit_open``: its breaker refused;
 ``cancelled``: not needed any more (decided without it, or past the deadline)."""
 
-UNAVAILABLE: frozenset[str] = frozenset({"unavailable", "circuit_open", "cancelled"})
-"""Statuses of a candidate that might answer if the item were tried again later."""
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -78,7 +75,8 @@ class EnsembleResult:
 
     ``index``: the item's position (in ``map``'s input, or as given to ``run``);
     ``key``: the input item itself, or what ``map(..., key=)`` made of it.
-    ``min_candidates``: the arrived candidates the decision needed.
+    ``min_candidates``: the answered candidates the decision needed (arrived, or failed
+    for their own reason).
     """
 
     index: int
@@ -108,14 +106,10 @@ class EnsembleResult:
 
     @property
     def deferred(self) -> bool:
-        """Too few candidates because members were unavailable (not because requests
-        failed for their own reasons): trying the item again later may succeed."""
-        if self.rule != "too-few-candidates":
-            return False
-        could_answer = sum(c.status != "failed" for c in self.candidates)
-        return could_answer >= self.min_candidates and any(
-            c.status in UNAVAILABLE for c in self.candidates
-        )
+        """Not decided because too few members were available (``too-few-candidates``):
+        trying the item again later may succeed.  A request that failed for its own
+        reason counts as answered, so it never defers an item."""
+        return self.rule == "too-few-candidates"
 
     def to_dict(self) -> dict[str, Any]:
         key = self.key if isinstance(self.key, str | int | float | bool) else None
@@ -141,11 +135,14 @@ class Ensemble:
     what waiting for everyone gives), ``quorum`` (decide once ``quorum`` candidates agree
     at ``agreement`` similarity, cancel the rest) or ``deadline`` (decide with what has
     arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
-    ``min_candidates``: how many candidates (given ones included) must arrive for an
-    item to be decided; default: all of them.  Fewer is rule ``"too-few-candidates"``:
-    nothing is kept, and ``EnsembleResult.deferred`` says whether unavailable members
-    were the cause (so the caller can try the item later).  No policy decides early on
-    fewer, so lower it to let ``exact``/``quorum`` cancel stragglers.
+    ``min_candidates``: how many candidates (given ones included) must answer for an
+    item to be decided; default: all of them.  A candidate answers by arriving or by
+    failing for its own reason (a ``FatalError``: bad request, context too long), which
+    is recorded as a failed candidate.  When unavailable members (retries spent, breaker
+    open, cancelled at the deadline) leave fewer, the rule is ``"too-few-candidates"``:
+    nothing is kept and ``EnsembleResult.deferred`` is true, so the caller can try the
+    item later.  No policy decides early on fewer, so lower it to let
+    ``exact``/``quorum`` cancel stragglers.
     ``global_concurrency`` and ``retry`` apply to the bare backends this wraps; for a
     ready ``Member`` they are an error (give them to ``Member(...)`` instead).
     """
@@ -348,7 +345,7 @@ class Ensemble:
         else:
             status = "failed"
         candidates[index] = Candidate(index, name, status, error=f"{type(exc).__name__}: {exc}")
-        selector.fail(index)
+        selector.fail(index, unavailable=status != "failed")
 
     # -- many items ---------------------------------------------------------------------
 

@@ -180,8 +180,23 @@ class Member:
                 self._cache_lock = asyncio.Lock()
             async with self._cache_lock:
                 if not self._cache_resolved:
-                    self._learn_identity(await self._info())
+                    self._learn_identity(await self._read_identity())
         return cache_key(self._cache_kind, self.backend.name, self._cache_model, request)
+
+    async def _read_identity(self) -> BackendInfo:
+        """``info()`` for the cache key, under the breaker and retries (no slots: it is
+        no generation).  A failure counts as a failed call, so a dead server still
+        shows in the stats and opens the breaker while a cache is in front of it."""
+        try:
+            try:
+                with self.breaker.guard():
+                    return await self.retry.run(self._info, on_retry=self._on_retry)
+            finally:
+                self._watch_breaker()
+        except Exception as exc:
+            self.stats.started()
+            self.stats.failed_with(self._named(exc))
+            raise
 
     # -- generate ----------------------------------------------------------------------
 
