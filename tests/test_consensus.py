@@ -332,10 +332,8 @@ def test_min_candidates_for_any_arrival_order(
     decision = None
     answered = 0
     for i in order:
-        if i in failed:
-            got = inc.fail(i, unavailable=i not in own_fault)
-        else:
-            got = inc.add(i, texts[i])
+        unavailable = i not in own_fault
+        got = inc.fail(i, unavailable=unavailable) if i in failed else inc.add(i, texts[i])
         answered += i not in failed or i in own_fault
         if got is not None:
             decision = got
