@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from .backend import Backend
+from .backend import Backend, health_of, info_of
 from .config import (
     Config,
     ConfigError,
@@ -346,7 +346,7 @@ async def _open_cache(config: Config) -> AsyncIterator[Any]:
     from .cache import CacheError, ResponseCache
 
     try:
-        cache = ResponseCache(config.run.cache_file)
+        cache = await ResponseCache.open(config.run.cache_file)
     except CacheError as exc:
         raise OutputError(config.source, "run.cache_path", str(exc)) from None
     try:
@@ -397,9 +397,10 @@ def storage_failure(exc: BaseException) -> BaseException | None:
 
 def _all_failed(members: Sequence[Member]) -> bool:
     snaps = [m.snapshot() for m in members]
-    # no call succeeded and some failed (a member never called because the writer
-    # failed counts as failed too)
-    return all(s["done"] == 0 for s in snaps) and any(s["failed"] > 0 for s in snaps)
+    # no call succeeded (nor was answered from the cache) and some failed (a member never
+    # called because the writer failed counts as failed too)
+    answered = sum(s["done"] + s.get("cache_hits", 0) for s in snaps)
+    return answered == 0 and any(s["failed"] > 0 for s in snaps)
 
 
 # ---------------------------------------------------------------------------- check
@@ -428,13 +429,13 @@ async def probe_backend(
     probe = Probe(name, kind, target)
     try:
         async with asyncio.timeout(timeout):
-            health = await backend.health()
+            health = await health_of(backend)
         probe.healthy = health.ok
         probe.health_detail = health.detail
         if not health.ok:
             return probe
         async with asyncio.timeout(timeout):
-            info = await backend.info()
+            info = await info_of(backend)
         probe.model = info.model
         request = GenerationRequest(prompt="Hello", max_new_tokens=1, temperature=0.0)
         started = time.perf_counter()

@@ -62,6 +62,7 @@ from .secret import MissingSecretError
 
 if TYPE_CHECKING:
     from .backend import Backend
+    from .cache import ResponseCache
 
 __all__ = [
     "PRESETS",
@@ -645,8 +646,14 @@ def create_backends(config: Config, names: Sequence[str] | None = None) -> dict[
     return created
 
 
-def make_member(spec: BackendConfig, backend: Backend) -> Member:
-    """A Member with the backend's limits from the config."""
+def make_member(
+    spec: BackendConfig,
+    backend: Backend,
+    *,
+    cache: ResponseCache | None = None,
+    cache_identity: str | None = None,
+) -> Member:
+    """A Member with the backend's limits from the config (and the response cache)."""
     return Member(
         backend,
         name=spec.name,
@@ -657,28 +664,27 @@ def make_member(spec: BackendConfig, backend: Backend) -> Member:
         retry=RetryPolicy(max_attempts=spec.max_attempts),
         timeout_s=spec.timeout_s,
         instruction_tuned=spec.instruction_tuned,
+        cache=cache,
+        cache_identity=cache_identity,
     )
 
 
-def build_members(config: Config, *, cache: Any = None) -> tuple[Member, list[Member]]:
+def build_members(
+    config: Config, *, cache: ResponseCache | None = None
+) -> tuple[Member, list[Member]]:
     """``(writer, answerers)``: one Member per used backend (a backend in both roles is
     one Member).  With a ``ResponseCache`` given (the caller opens it when
-    ``config.run.cache`` is on, and closes it), every backend is wrapped in a
-    ``CachedBackend`` keyed by its kind, name and model (a local model's path, or the
-    model the server reports)."""
+    ``config.run.cache`` is on, and closes it), every member looks its requests up
+    there before any admission, keyed by its kind, name and model (a local model's
+    path, or the model the server reports)."""
     backends = create_backends(config)
     members: dict[str, Member] = {}
     for name, backend in backends.items():
         spec = config.backends[name]
-        if cache is not None:
-            from .cache import CachedBackend
-
-            # A configured local model stands for itself in the keys (no costly info());
-            # a server's model is read from it once.
-            identity = None
-            if spec.model is not None and spec.url is None:
-                identity = spec.model + (f"/{spec.gguf_file}" if spec.gguf_file else "")
-            members[name] = make_member(spec, CachedBackend(backend, cache, identity=identity))
-        else:
-            members[name] = make_member(spec, backend)
+        # A configured local model stands for itself in the keys (no costly info());
+        # a server's model is read from it once.
+        identity = None
+        if cache is not None and spec.model is not None and spec.url is None:
+            identity = spec.model + (f"/{spec.gguf_file}" if spec.gguf_file else "")
+        members[name] = make_member(spec, backend, cache=cache, cache_identity=identity)
     return members[config.roles.writer], [members[n] for n in config.roles.answerers]

@@ -120,8 +120,12 @@ class HTTPTransport:
         self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        # Connection-level limits only (connecting; silence on the socket, ``timeout``
+        # unless ``read_timeout`` is given): a whole attempt is timed by the member.
         self._timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=connect_timeout, sock_read=read_timeout
+            total=None,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout if read_timeout is not None else timeout,
         )
         self._closed = False
 

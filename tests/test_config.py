@@ -243,19 +243,18 @@ async def test_build_members_shares_a_member_between_roles(
             await m.aclose()
 
 
-async def test_build_members_wraps_backends_in_the_cache(
+async def test_build_members_gives_every_member_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ensemble_async.cache import CachedBackend, ResponseCache
+    from ensemble_async.cache import ResponseCache
 
     monkeypatch.setenv("EA_TEST_GPU2_KEY", "k")
     cfg = full(tmp_path)
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
         writer, answerers = build_members(cfg, cache=cache)
         try:
-            assert all(isinstance(m.backend, CachedBackend) for m in answerers)
-            assert isinstance(writer.backend, CachedBackend)
-            assert writer.backend.cache is cache
+            assert all(m.cache is cache for m in answerers)
+            assert writer.cache is cache
         finally:
             for m in answerers:
                 await m.aclose()
