@@ -48,6 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
+from .scoring import CompletionScore, ScoreRequest
 from .types import Completion, GenerationRequest
 
 __all__ = ["CacheError", "ResponseCache", "cache_key"]
@@ -97,6 +98,24 @@ def cache_key(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"request cannot be cached (not canonical JSON): {exc}") from exc
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def score_cache_key(
+    backend_kind: str, backend_name: str, model: str | None, request: ScoreRequest
+) -> str:
+    """The key of a scoring request: like :func:`cache_key`, in a namespace of its own
+    (a scoring request and a generation request never share a key)."""
+    payload = {
+        "v": KEY_VERSION,
+        "what": "score",
+        "kind": backend_kind,
+        "name": backend_name,
+        "model": model,
+        "prompt": request.prompt,
+        "messages": None if request.messages is None else [m.to_dict() for m in request.messages],
+        "completions": list(request.completions),
+    }
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
 
 _SCHEMA = """
@@ -262,6 +281,42 @@ class ResponseCache:
     async def put(self, key: str, completions: list[Completion]) -> None:
         """Store ``completions`` under ``key``; returns once the entry is committed."""
         value = canonical_json([c.to_dict() for c in completions])
+        await self._run(self._put, key, value, shield=True)
+
+    async def get_scores(self, key: str) -> list[CompletionScore] | None:
+        """Stored scores, or None (also for an entry this version cannot read)."""
+        raw = await self._run(self._get, key)
+        if raw is None:
+            return None
+        try:
+            return [
+                CompletionScore(
+                    text=item["text"],
+                    token_logprobs=tuple(float(x) for x in item["token_logprobs"]),
+                    tokens=None if item.get("tokens") is None else tuple(item["tokens"]),
+                    backend=item.get("backend", ""),
+                    model=item.get("model"),
+                )
+                for item in json.loads(raw)
+            ]
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("response cache %s: unreadable entry %s (%s); ignored", self.path, key, exc)
+            return None
+
+    async def put_scores(self, key: str, scores: list[CompletionScore]) -> None:
+        """Store ``scores`` under ``key``; returns once the entry is committed."""
+        value = canonical_json(
+            [
+                {
+                    "text": s.text,
+                    "token_logprobs": list(s.token_logprobs),
+                    "tokens": None if s.tokens is None else list(s.tokens),
+                    "backend": s.backend,
+                    "model": s.model,
+                }
+                for s in scores
+            ]
+        )
         await self._run(self._put, key, value, shield=True)
 
     async def count(self) -> int:

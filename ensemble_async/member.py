@@ -51,9 +51,10 @@ from typing import Any, Self
 from .admission import AdaptiveLimiter, SlotSource, TokenBucket, estimate_tokens, used_tokens
 from .backend import Backend, info_of, kind_of, stream_of
 from .breaker import CircuitBreaker, CircuitOpenError
-from .cache import ResponseCache, cache_key
+from .cache import ResponseCache, cache_key, score_cache_key
 from .errors import BackendError, MalformedResponseError
 from .retry import RetryEvent, RetryPolicy, attempt_deadline, attempt_timeout
+from .scoring import CompletionScore, Scorer, ScoreRequest, ScoringUnsupportedError
 from .stats import BackendStats
 from .types import BackendInfo, Completion, GenerationRequest, StreamEvent
 
@@ -175,13 +176,16 @@ class Member:
     async def cache_key_for(self, request: GenerationRequest) -> str:
         """The response-cache key of ``request`` for this member (reads ``info()`` once
         when no ``cache_identity`` was given)."""
+        await self._resolve_identity()
+        return cache_key(self._cache_kind, self.backend.name, self._cache_model, request)
+
+    async def _resolve_identity(self) -> None:
         if not self._cache_resolved:
             if self._cache_lock is None:
                 self._cache_lock = asyncio.Lock()
             async with self._cache_lock:
                 if not self._cache_resolved:
                     self._learn_identity(await self._read_identity())
-        return cache_key(self._cache_kind, self.backend.name, self._cache_model, request)
 
     async def _read_identity(self) -> BackendInfo:
         """``info()`` for the cache key, under the breaker and retries (no slots: it is
@@ -273,8 +277,13 @@ class Member:
     async def _admit(self, stack: AsyncExitStack, request: GenerationRequest) -> int:
         """Enter member slot, rate buckets and global slot on ``stack``; returns the
         token estimate charged to the tpm bucket."""
-        await stack.enter_async_context(self.limiter.slot())
         estimate = estimate_tokens(request)
+        await self._admit_estimate(stack, estimate)
+        return estimate
+
+    async def _admit_estimate(self, stack: AsyncExitStack, estimate: int) -> None:
+        """Member slot, rate buckets (``estimate`` tokens) and global slot, on ``stack``."""
+        await stack.enter_async_context(self.limiter.slot())
         if self.rpm is not None:
             await self.rpm.acquire(1)
         if self.tpm is not None:
@@ -283,7 +292,6 @@ class Member:
             self.global_limit.slot() if self.global_limit is not None else nullcontext()
         )
         await stack.enter_async_context(global_slot)
-        return estimate
 
     def _correct_tokens(
         self, request: GenerationRequest, completions: list[Completion], estimate: int
@@ -306,6 +314,76 @@ class Member:
             latency = self._clock() - started
         self._correct_tokens(request, completions, estimate)
         return completions, latency
+
+    # -- score -------------------------------------------------------------------------
+
+    @property
+    def can_score(self) -> bool:
+        """Whether the backend implements scoring at all (see ``check_scoring``)."""
+        return isinstance(self.backend, Scorer)
+
+    def _scorer(self) -> Scorer:
+        backend = self.backend
+        if not isinstance(backend, Scorer):
+            raise ScoringUnsupportedError(
+                f"member {self.name!r} ({kind_of(backend)}) cannot score completions",
+                backend=self.name,
+            )
+        return backend
+
+    async def check_scoring(self) -> None:
+        """Raise ``ScoringUnsupportedError`` now if this member cannot score (used when a
+        run starts, so that a target model that cannot score stops it before any item)."""
+        scorer = self._scorer()
+        async with attempt_timeout(self.timeout_s, backend=self.name):
+            await scorer.check_scoring()
+
+    async def score(self, request: ScoreRequest) -> list[CompletionScore]:
+        """Each completion's log-probabilities under this member's model: from the cache
+        when it has them, else through the same breaker, retries, admission and timeout
+        as ``generate`` (and then stored)."""
+        scorer = self._scorer()
+        key: str | None = None
+        if self.cache is not None:
+            await self._resolve_identity()
+            key = score_cache_key(self._cache_kind, self.backend.name, self._cache_model, request)
+            stored = await self.cache.get_scores(key)
+            if stored is not None:
+                self.stats.cache_hit()
+                return stored
+        estimate = _score_tokens(request)
+
+        async def attempt() -> tuple[list[CompletionScore], float]:
+            async with AsyncExitStack() as stack:
+                await self._admit_estimate(stack, estimate)
+                started = self._clock()
+                async with attempt_timeout(self.timeout_s, backend=self.name):
+                    scores = await scorer.score(request)
+                return scores, self._clock() - started
+
+        self.stats.started()
+        try:
+            try:
+                with self.breaker.guard():
+                    scores, latency = await self.retry.run(attempt, on_retry=self._on_retry)
+            finally:
+                self._watch_breaker()
+        except Exception as exc:
+            self.stats.failed_with(self._named(exc))
+            raise
+        except BaseException:
+            self.stats.was_cancelled()
+            raise
+        self.stats.succeeded(
+            latency,
+            completions=0,
+            prompt_tokens=sum(s.num_tokens for s in scores),
+            completion_tokens=0,
+        )
+        if self.cache is not None and key is not None:
+            await self.cache.put_scores(key, scores)
+            self.stats.cache_miss()
+        return scores
 
     # -- stream ------------------------------------------------------------------------
 
@@ -447,3 +525,14 @@ def _bucket(rate: float | TokenBucket | None) -> TokenBucket | None:
     if rate is None or isinstance(rate, TokenBucket):
         return rate
     return TokenBucket(rate)
+
+
+def _score_tokens(request: ScoreRequest) -> int:
+    """A token estimate of a scoring request (prompt once per completion, plus the
+    completions), for the tpm bucket."""
+    if request.prompt is not None:
+        prompt = len(request.prompt)
+    else:
+        prompt = sum(len(m.content) for m in request.messages or ())
+    chars = prompt * len(request.completions) + sum(len(c) for c in request.completions)
+    return max(1, chars // 4)
