@@ -5,6 +5,7 @@ actors, each holding its own copy of a backend of ``hosted_kind`` (``transformer
 default, so ``options`` are the transformers backend's: ``gguf_file``, ``device``,
 ``max_batch_size``, ``threads`` ...).  Requests go to the actor with the least outstanding
 work (requested tokens in flight); inside an actor the local model micro-batches them.
+Replicas are spread over the cluster's nodes (``spread=False`` packs them).
 
 It is a Backend like any other, so the member around it brings admission, retries and the
 circuit breaker.  A dead actor (process killed, node lost) is restarted by Ray
@@ -70,6 +71,7 @@ class RayBackend(BaseBackend):
         address: str | None = None,
         hosted_kind: str = "transformers",
         max_restarts: int = 8,
+        spread: bool = True,
         name: str | None = None,
         **options: Any,
     ) -> None:
@@ -91,6 +93,7 @@ class RayBackend(BaseBackend):
         self.address = address
         self.hosted_kind = hosted_kind
         self.max_restarts = max_restarts
+        self.spread = spread
         self._hosted_options: Mapping[str, Any] = hosted
         self._pool: list[_Replica] = []
         self._lock = asyncio.Lock()
@@ -106,6 +109,9 @@ class RayBackend(BaseBackend):
             max_restarts=self.max_restarts,
             max_task_retries=0,  # the member retries, and knows whether it may
             max_concurrency=1000,
+            # SPREAD puts replicas on different nodes where it can (one node down then
+            # takes one replica, not all); DEFAULT packs them.
+            scheduling_strategy="SPREAD" if self.spread else "DEFAULT",
         )
         return [
             _Replica(i, actor_class.remote(self.hosted_kind, self._hosted_options))
