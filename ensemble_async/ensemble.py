@@ -26,9 +26,11 @@ from .admission import GlobalLimit
 from .backend import Backend
 from .breaker import CircuitOpenError
 from .consensus import Decision, IncrementalSelector, Policy, Similarity
-from .errors import BackendError, RetryableError
+from .errors import BackendError, FatalError, RetryableError
 from .member import Member
 from .retry import RetryPolicy
+from .scoring import CompletionScore, ScoreRequest
+from .selection import FitChoice, SelectionConfig, choose
 from .types import Completion, GenerationRequest
 
 __all__ = ["Candidate", "Ensemble", "EnsembleResult", "Item"]
@@ -86,30 +88,40 @@ class EnsembleResult:
     key: Any = None
     min_candidates: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    choice: FitChoice | None = None
+    """The selection policy's pick when one other than plain consensus is configured
+    (then ``kept``/``text``/``rule``/``winner`` follow it, not ``decision``)."""
 
     @property
     def kept(self) -> bool:
+        if self.choice is not None:
+            return self.choice.kept
         return self.decision.index is not None
 
     @property
     def text(self) -> str | None:
+        if self.choice is not None:
+            return self.choice.text
         return self.decision.text
 
     @property
     def rule(self) -> str:
+        if self.choice is not None:
+            return self.choice.rule
         return self.decision.selection.rule
 
     @property
     def winner(self) -> Candidate | None:
-        i = self.decision.index
+        i = self.decision.index if self.choice is None else self.choice.index
         return None if i is None else self.candidates[i]
 
     @property
     def deferred(self) -> bool:
-        """Not decided because too few members were available (``too-few-candidates``):
+        """Not decided because too few members were available (``too-few-candidates``),
+        or the target model could not be reached to score (``target-unavailable``):
         trying the item again later may succeed.  A request that failed for its own
         reason counts as answered, so it never defers an item."""
-        return self.rule == "too-few-candidates"
+        return self.rule in ("too-few-candidates", "target-unavailable")
 
     def to_dict(self) -> dict[str, Any]:
         key = self.key if isinstance(self.key, str | int | float | bool) else None
@@ -124,6 +136,7 @@ class EnsembleResult:
             "min_candidates": self.min_candidates,
             "candidates": [c.to_dict() for c in self.candidates],
             "wall_s": self.wall_s,
+            **({"selection": self.choice.to_dict()} if self.choice is not None else {}),
             **({"meta": self.meta} if self.meta else {}),
         }
 
@@ -145,6 +158,11 @@ class Ensemble:
     ``exact``/``quorum`` cancel stragglers.
     ``global_concurrency`` and ``retry`` apply to the bare backends this wraps; for a
     ready ``Member`` they are an error (give them to ``Member(...)`` instead).
+    ``selection``: the selection policy (default: plain consensus); the target-fit
+    policies score the candidates under ``target`` (a ``Member``, a backend, or the name
+    of one of ``members``), whose scoring requests go through its own cache, admission,
+    retries and breaker; ``__aenter__`` checks that it can score.  An item whose scores
+    cannot be had because the target is unavailable is deferred (``target-unavailable``).
     """
 
     def __init__(
@@ -162,6 +180,8 @@ class Ensemble:
         global_concurrency: int | None = None,
         max_items_in_flight: int = 64,
         retry: RetryPolicy | None = None,
+        selection: SelectionConfig | None = None,
+        target: Member | Backend | str | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -200,11 +220,36 @@ class Ensemble:
         self.min_candidates = min_candidates
         self.max_items_in_flight = max_items_in_flight
         self._next_index = 0
+        self.selection = selection or SelectionConfig()
+        self.target: Member | None = self._target(target)
+        self._own_target = self.target is not None and self.target not in self.members
+
+    def _target(self, target: Member | Backend | str | None) -> Member | None:
+        if not self.selection.needs_scores:
+            if target is not None:
+                raise ValueError("a target model is only used by the target-fit policies")
+            return None
+        if target is None:
+            target = self.selection.target
+        if target is None:
+            raise ValueError(f"selection policy {self.selection.policy!r} needs a target")
+        if isinstance(target, str):
+            named = [m for m in self.members if m.name == target]
+            if not named:
+                raise ValueError(
+                    f"target {target!r} is not a member; pass the target Member or backend"
+                )
+            return named[0]
+        return target if isinstance(target, Member) else Member(target)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         await asyncio.gather(*(m.start() for m in self.members))
+        if self.target is not None:
+            if self._own_target:
+                await self.target.start()
+            await self.target.check_scoring()  # a target that cannot score stops us here
         return self
 
     async def __aexit__(
@@ -216,7 +261,8 @@ class Ensemble:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(m.aclose() for m in self.members), return_exceptions=True)
+        owned = [self.target] if self.target is not None and self._own_target else []
+        await asyncio.gather(*(m.aclose() for m in [*self.members, *owned]), return_exceptions=True)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-member stats snapshots (JSON-ready)."""
@@ -310,6 +356,9 @@ class Ensemble:
             candidates[i] = Candidate(i, name, "cancelled")
         decision = selector.finalize()
         ordered = tuple(candidates[i] for i in range(total))
+        choice = None
+        if self.target is not None and decision.selection.rule != "too-few-candidates":
+            choice = await self._select(ordered, decision, requests, first_member)
         return EnsembleResult(
             item_index,
             ordered,
@@ -317,7 +366,52 @@ class Ensemble:
             time.perf_counter() - started,
             key=item if key is None else key,
             min_candidates=needed,
+            choice=choice,
         )
+
+    async def _select(
+        self,
+        candidates: tuple[Candidate, ...],
+        decision: Decision,
+        requests: list[GenerationRequest],
+        first_member: int,
+    ) -> FitChoice:
+        """Score the candidates under the target model and apply the selection policy."""
+        assert self.target is not None
+        texts = [c.text if c.status in ("ok", "given") else None for c in candidates]
+        scorable = [i for i, t in enumerate(texts) if t]
+        # The prompt as the target sees it: its own request when it is a member.
+        if self.target in self.members:
+            request = requests[self.members.index(self.target)]
+        else:
+            request = requests[0]
+        scores: dict[int, CompletionScore] = {}
+        if scorable:
+            ask = ScoreRequest(
+                completions=tuple(texts[i] or "" for i in scorable),
+                prompt=request.prompt,
+                messages=request.messages,
+            )
+            try:
+                got = await self.target.score(ask)
+            except (RetryableError, CircuitOpenError) as exc:
+                return FitChoice(
+                    None,
+                    None,
+                    "target-unavailable",
+                    self.selection.policy,
+                    why=f"the target could not score: {type(exc).__name__}",
+                )
+            except FatalError as exc:
+                return FitChoice(
+                    None,
+                    None,
+                    "scoring-failed",
+                    self.selection.policy,
+                    why=f"the target refused to score: {exc}",
+                )
+            scores = dict(zip(scorable, got, strict=True))
+        return choose(texts, decision.selection, scores, self.selection, similarity=self.similarity)
 
     @staticmethod
     def _collect(
