@@ -11,13 +11,15 @@ Differences from the default transport, both documented in ``OpenAIBackend``:
 - The SDK hides whether a stream ended with ``[DONE]``: a stream that closes cleanly
   after at least one chunk counts as finished, so a missing finish_reason reads
   ``unknown``; an empty stream is malformed.
+- ``max_response_bytes`` bounds a plain answer's body as it is read (a response hook
+  wraps the body stream); a stream's events are bounded by the completion limit only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,13 +30,13 @@ from ensemble_async.errors import (
     ConnectError,
     MalformedResponseError,
     RequestTimeoutError,
+    ResponseTooLargeError,
+    error_from_event,
     error_from_status,
     parse_retry_after,
 )
-from ensemble_async.http import error_message
+from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, error_message
 from ensemble_async.secret import Secret
-
-from .openai import error_from_event
 
 try:
     import openai
@@ -60,6 +62,7 @@ class SDKWire:
         timeout: float | None,
         read_timeout: float | None,
         headers: Mapping[str, str] | None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if openai is None:
             raise ImportError(
@@ -77,7 +80,9 @@ class SDKWire:
             max_retries=0,
             timeout=openai.Timeout(timeout, connect=connect, read=read),
             default_headers=dict(headers or {}),
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(
+                event_hooks={"response": [_capper(max_response_bytes, backend)]}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -116,6 +121,9 @@ class SDKWire:
         chain = [exc]
         while len(chain) < 10 and (nxt := chain[-1].__cause__ or chain[-1].__context__):
             chain.append(nxt)
+        for e in chain:
+            if isinstance(e, BackendError):
+                return e
         if any(isinstance(e, aiohttp.ClientPayloadError) for e in chain):
             return MalformedResponseError("response body broken off", backend=self.backend)
         for e in chain:
@@ -164,3 +172,42 @@ def _message(body: object, fallback: str) -> str:
     if isinstance(body, str):
         return error_message(body)
     return fallback
+
+
+def _capper(limit: int, backend: str) -> Any:
+    """An httpx response hook that bounds a plain (not event-stream) body to ``limit``."""
+
+    async def cap(response: Any) -> None:
+        if "text/event-stream" in response.headers.get("content-type", ""):
+            return
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ResponseTooLargeError(
+                f"answer of {length} bytes is over the limit of {limit} bytes", backend=backend
+            )
+        response.stream = _capped_stream(response.stream, limit, backend)
+
+    return cap
+
+
+def _capped_stream(inner: Any, limit: int, backend: str) -> Any:
+    """``inner`` (the SDK's httpx body stream) cut off with ``ResponseTooLargeError``
+    once more than ``limit`` bytes have come.  The wrapper subclasses the stream's own
+    ``AsyncByteStream`` base, which httpx checks (httpx or the SDK's vendored copy)."""
+    base = next((c for c in type(inner).__mro__ if c.__name__ == "AsyncByteStream"), type(inner))
+
+    class Capped(base):  # type: ignore[misc, valid-type]
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in inner:
+                seen += len(chunk)
+                if seen > limit:
+                    raise ResponseTooLargeError(
+                        f"answer is over the limit of {limit} bytes", backend=backend
+                    )
+                yield chunk
+
+        async def aclose(self) -> None:
+            await inner.aclose()
+
+    return Capped()
