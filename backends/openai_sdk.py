@@ -11,8 +11,8 @@ Differences from the default transport, both documented in ``OpenAIBackend``:
 - The SDK hides whether a stream ended with ``[DONE]``: a stream that closes cleanly
   after at least one chunk counts as finished, so a missing finish_reason reads
   ``unknown``; an empty stream is malformed.
-- ``max_response_bytes`` bounds a plain answer's body as it is read (a response hook
-  wraps the body stream); a stream's events are bounded by the completion limit only.
+- ``max_response_bytes`` bounds a plain answer's body, and each line of a stream, as
+  they are read (a response hook wraps the SDK's body stream).
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def _capper(limit: int, backend: str) -> Any:
 
     async def cap(response: Any) -> None:
         if "text/event-stream" in response.headers.get("content-type", ""):
+            response.stream = _capped_stream(response.stream, limit, backend, lines=True)
             return
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -190,9 +191,9 @@ def _capper(limit: int, backend: str) -> Any:
     return cap
 
 
-def _capped_stream(inner: Any, limit: int, backend: str) -> Any:
+def _capped_stream(inner: Any, limit: int, backend: str, *, lines: bool = False) -> Any:
     """``inner`` (the SDK's httpx body stream) cut off with ``ResponseTooLargeError``
-    once more than ``limit`` bytes have come.  The wrapper subclasses the stream's own
+    once more than ``limit`` bytes have come (``lines``: in one line of an event stream).  The wrapper subclasses the stream's own
     ``AsyncByteStream`` base, which httpx checks (httpx or the SDK's vendored copy)."""
     base = next((c for c in type(inner).__mro__ if c.__name__ == "AsyncByteStream"), type(inner))
 
@@ -200,7 +201,8 @@ def _capped_stream(inner: Any, limit: int, backend: str) -> Any:
         async def __aiter__(self) -> AsyncIterator[bytes]:
             seen = 0
             async for chunk in inner:
-                seen += len(chunk)
+                newline = chunk.rfind(b"\n") if lines else -1
+                seen = len(chunk) - newline - 1 if newline >= 0 else seen + len(chunk)
                 if seen > limit:
                     raise ResponseTooLargeError(
                         f"answer is over the limit of {limit} bytes", backend=backend
