@@ -68,6 +68,9 @@ class SDKWire:
             raise ImportError(
                 'transport="sdk" needs the openai package: pip install "ensemble-async[openai]"'
             )
+        if api_key is not None and not api_key.reveal().isascii():
+            # httpx cannot put it in a header; say so now rather than per request
+            raise ValueError('transport="sdk" needs an API key of ASCII characters only')
         self.backend = backend
         self._timeout = timeout
         connect = 10.0 if timeout is None else min(10.0, timeout)
