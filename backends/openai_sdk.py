@@ -36,6 +36,7 @@ from ensemble_async.errors import (
     parse_retry_after,
 )
 from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, error_message
+from ensemble_async.scrub import Scrubber
 from ensemble_async.secret import Secret
 
 try:
@@ -72,6 +73,7 @@ class SDKWire:
             # httpx cannot put it in a header; say so now rather than per request
             raise ValueError('transport="sdk" needs an API key of ASCII characters only')
         self.backend = backend
+        self._scrubber = Scrubber(api_key.reveal() if api_key is not None else None)
         self._timeout = timeout
         connect = 10.0 if timeout is None else min(10.0, timeout)
         read = read_timeout if read_timeout is not None else timeout
@@ -149,7 +151,7 @@ class SDKWire:
         except openai.APIStatusError as exc:
             raise error_from_status(
                 exc.status_code,
-                _message(exc.body, exc.message),
+                _message(exc.body, exc.message, self._scrubber),
                 backend=self.backend,
                 retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
             ) from exc
@@ -159,22 +161,23 @@ class SDKWire:
             raise MalformedResponseError(exc.message, backend=self.backend) from exc
         except openai.APIError as exc:  # an error event inside a stream
             body = exc.body if isinstance(exc.body, Mapping) else {"message": exc.message}
-            raise error_from_event(body, backend=self.backend) from exc
+            raise error_from_event(body, backend=self.backend, scrub=self._scrubber.scrub) from exc
         except ValueError as exc:  # JSON that does not parse
             raise MalformedResponseError(
                 f"answer is not JSON: {type(exc).__name__}", backend=self.backend
             ) from exc
 
 
-def _message(body: object, fallback: str) -> str:
+def _message(body: object, fallback: str, scrubber: Scrubber) -> str:
+    """The server's message from an SDK error body, scrubbed before it is cut short."""
     if isinstance(body, Mapping):
         for key in ("message", "detail", "error"):
             if isinstance(body.get(key), str):
-                return str(body[key])
-        return json.dumps(body)[:500]
+                return scrubber.scrub(str(body[key]))[:500]
+        return scrubber.scrub(json.dumps(body, default=str))[:500]
     if isinstance(body, str):
-        return error_message(body)
-    return fallback
+        return error_message(scrubber.scrub(body))
+    return scrubber.scrub(fallback)
 
 
 def _capper(limit: int, backend: str) -> Any:

@@ -403,6 +403,7 @@ class TGIBackend(BaseBackend):
     def _stream_error(self, event: Mapping[str, Any]) -> BackendError:
         error, kind = event.get("error"), event.get("error_type")
         text = error if isinstance(error, str) else json.dumps(error, default=str)
+        text = self._scrubber.scrub(text)  # before it is cut short
         message = f"{text[:500]} ({kind})" if isinstance(kind, str) else text[:500]
         if kind == "overloaded":
             return OverloadedError(message, backend=self.name, status=None)

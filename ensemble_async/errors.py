@@ -30,7 +30,7 @@ __all__ = [
 import email.utils
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 
@@ -217,9 +217,12 @@ def error_from_status(
     return BadRequestError(message, backend=backend, status=status)
 
 
-def error_from_event(error: object, *, backend: str | None = None) -> BackendError:
+def error_from_event(
+    error: object, *, backend: str | None = None, scrub: Callable[[str], str] | None = None
+) -> BackendError:
     """Our error for an ``{"error": ...}`` object met in a 200 answer or a stream event
-    (OpenAI-style: ``{"message", "code"}``; anything else is a server error)."""
+    (OpenAI-style: ``{"message", "code"}``; anything else is a server error).
+    ``scrub`` (e.g. a ``Scrubber``'s) is applied to the message before it is cut short."""
     status = 500
     if isinstance(error, Mapping):
         raw = error.get("message")
@@ -229,4 +232,6 @@ def error_from_event(error: object, *, backend: str | None = None) -> BackendErr
             status = code
     else:
         message = str(error)
+    if scrub is not None:
+        message = scrub(message)
     return error_from_status(status, message[:_MAX_MESSAGE_CHARS], backend=backend)
