@@ -149,3 +149,19 @@ async def test_chat_validation_error_is_a_bad_request(server: TGIChat) -> None:
             await backend.generate(
                 GenerationRequest(messages=CHAT, temperature=1.0, top_p=0.5, extra={"top_p": 1.0})
             )
+
+
+async def test_ask_with_tgi_members_uses_chat_by_default(
+    server: TGIChat, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from ensemble_async import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    argv = ["ask", "--member", f"tgi={server.url}", "--member", f"tgi={server.url}", "Hi"]
+    code = await asyncio.to_thread(cli.main, [*argv, "--timeout", "10"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == cli.EXIT_OK
+    assert server.paths == ["/v1/chat/completions"] * 2
+    assert "Blue, like the sea." in out and "kept" in out
