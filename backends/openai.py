@@ -399,4 +399,8 @@ class OpenAIBackend(BaseBackend):
         latency = time.perf_counter() - start
         if status == 200:
             return Health(ok=True, latency_s=latency)
-        return Health(ok=False, latency_s=latency, detail=f"HTTP {status}: {error_message(body)}")
+        return Health(
+            ok=False,
+            latency_s=latency,
+            detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
+        )

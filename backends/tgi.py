@@ -468,7 +468,11 @@ class TGIBackend(BaseBackend):
         elapsed = time.perf_counter() - started
         if status == 200:
             return Health(ok=True, latency_s=elapsed)
-        return Health(ok=False, latency_s=elapsed, detail=f"HTTP {status}: {error_message(body)}")
+        return Health(
+            ok=False,
+            latency_s=elapsed,
+            detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
+        )
 
 
 def _refine(exc: BadRequestError) -> BadRequestError:
