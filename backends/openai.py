@@ -2,8 +2,8 @@
 
 Two transports speak the same protocol: ``"aiohttp"`` (default) over the shared pooled
 ``HTTPTransport``, and ``"sdk"`` through ``openai.AsyncOpenAI`` (see ``openai_sdk``).
-Both use the one payload builder and the one response parser in this module, and both
-map every failure to an ``ensemble_async.errors`` class; neither retries.
+Both use the one payload builder and the one response parser of ``openai_protocol``, and
+both map every failure to an ``ensemble_async.errors`` class; neither retries.
 
 Choices made here, on purpose:
 
@@ -11,7 +11,15 @@ Choices made here, on purpose:
   ``max_completion_tokens``, while llama.cpp's server and TGI know only ``max_tokens``.
 - Fields that are not OpenAI's (``top_k``, ``min_tokens``, everything in
   ``request.extra``) go at the top level of the JSON; the SDK sends them as
-  ``extra_body``, which ends up in the same place.
+  ``extra_body``, which ends up in the same place.  ``extensions=False`` never sends
+  ``top_k``/``min_tokens``.
+- Servers differ in what they accept (``transformers serve`` and the hosted API refuse
+  ``top_k``).  A 400/422 (or a validation 500) that names fields of ours as unknown
+  teaches the backend to leave them out from then on; the request is sent once more
+  without them (protocol negotiation, not a retry: each learnt set allows one resend,
+  and it is logged once).
+- Stop strings are applied here too, to every completion and stream (some servers
+  ignore ``stop``): text from the first stop string on is cut, finish reason ``stop``.
 - Usage: every completion carries the request's ``prompt_tokens``; ``completion_tokens``
   is set only when the answer has exactly one choice, because servers report one total
   for all choices and splitting it would be a guess.
@@ -24,18 +32,24 @@ Choices made here, on purpose:
 - Streams: a stream that ends without a finish_reason but with ``[DONE]`` (llama.cpp
   cuts a stream off when another request arrives) gives finish_reason ``unknown``; one
   that ends with neither is a ``MalformedResponseError``.
-- The API key goes out as a bearer token only; it is never in a repr, and an error
-  message that echoes it (some servers do) has it replaced by ``***``.
+- The API key goes out as a bearer token only; it is never in a repr, and every text
+  that could echo it (error messages, completions, stream deltas) is scrubbed
+  (``ensemble_async.scrub``), whole or in part, plain or escaped.
+- Limits: an answer body (or stream event) over ``max_response_bytes`` and a completion
+  over ``max_completion_chars`` are ``ResponseTooLargeError``, raised while reading.
+- ``info().supports_n`` is ``None`` until a request with ``n > 1`` has shown whether the
+  server honours ``n``; ``info().extra["models"]`` lists the ids ``/v1/models`` serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
@@ -46,91 +60,48 @@ from ensemble_async.errors import (
     MalformedResponseError,
     error_from_status,
 )
-from ensemble_async.http import HTTPTransport, error_message
+from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, HTTPTransport, error_message
 from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
+from ensemble_async.scrub import scrubbed_errors
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
     Completion,
-    FinishReason,
     GenerationRequest,
     Health,
     StreamEvent,
-    TextDelta,
+)
+
+from .openai_protocol import (
+    DEFAULT_MAX_COMPLETION_CHARS,
+    HTTPWire,
+    Wire,
+    build_payload,
+    finish_reason,
+    parse_chunk,
+    parse_response,
+    rejected_fields,
+    stream_completion,
 )
 
 __all__ = [
     "OpenAIBackend",
     "build_payload",
-    "error_from_event",
     "finish_reason",
     "parse_chunk",
     "parse_response",
+    "server_root",
 ]
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["completions", "chat", "auto"]
 TransportName = Literal["aiohttp", "sdk"]
+_T = TypeVar("_T")
 
-_FINISH: dict[str, FinishReason] = {
-    "stop": "stop",
-    "eos_token": "stop",
-    "stop_sequence": "stop",  # TGI's /v1 routes
-    "length": "length",
-}
 _HEALTH_TIMEOUT = 10.0
-
-
-def finish_reason(value: object) -> FinishReason:
-    """Normalise a server's finish_reason; null or anything unknown is ``unknown``."""
-    return _FINISH.get(value, "unknown") if isinstance(value, str) else "unknown"
-
-
-def build_payload(
-    request: GenerationRequest, model: str, *, chat: bool, stream: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request as (OpenAI fields, non-OpenAI fields); the aiohttp transport merges
-    them into one JSON object, the SDK passes the second as ``extra_body``."""
-    body: dict[str, Any] = {"model": model}
-    if chat:
-        if request.messages is not None:
-            body["messages"] = [m.to_dict() for m in request.messages]
-        else:
-            body["messages"] = [{"role": "user", "content": request.prompt}]
-    else:
-        if request.messages is not None:
-            raise BadRequestError("completions mode cannot send chat messages")
-        body["prompt"] = request.prompt
-    body["max_tokens"] = request.max_new_tokens
-    body["temperature"] = request.temperature
-    body["top_p"] = request.top_p
-    body["n"] = request.n
-    if request.stop:
-        body["stop"] = list(request.stop)
-    if request.seed is not None:
-        body["seed"] = request.seed
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    vendor: dict[str, Any] = {}
-    if request.top_k is not None:
-        vendor["top_k"] = request.top_k
-    if request.min_new_tokens:
-        vendor["min_tokens"] = request.min_new_tokens
-    vendor.update(request.extra)
-    return body, vendor
-
-
-def error_from_event(error: object, *, backend: str) -> BackendError:
-    """Our error for an ``{"error": ...}`` object met in a 200 answer or a stream."""
-    status = 500
-    if isinstance(error, Mapping):
-        message = str(error.get("message") or json.dumps(error)[:500])
-        code = error.get("code")
-        if isinstance(code, int) and 400 <= code < 600:
-            status = code
-    else:
-        message = str(error)[:500]
-    return error_from_status(status, message, backend=backend)
+_END = object()  # a stream that ended before its first event
+_MAX_NEGOTIATION_ROUNDS = 3
 
 
 def _count(value: object) -> int | None:
@@ -139,115 +110,6 @@ def _count(value: object) -> int | None:
 
 def _malformed(what: str, backend: str) -> MalformedResponseError:
     return MalformedResponseError(f"unexpected answer: {what}", backend=backend)
-
-
-def parse_response(
-    data: object, *, chat: bool, backend: str, model: str | None, latency_s: float
-) -> list[Completion]:
-    """Completions from a (non-streamed) answer, in choice order, indexed from 0."""
-    if not isinstance(data, Mapping):
-        raise _malformed(f"JSON {type(data).__name__}, not an object", backend)
-    if "error" in data and "choices" not in data:
-        raise error_from_event(data["error"], backend=backend)
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise _malformed("no choices", backend)
-    usage = data.get("usage")
-    usage = usage if isinstance(usage, Mapping) else {}
-    prompt_tokens = _count(usage.get("prompt_tokens"))
-    completion_tokens = _count(usage.get("completion_tokens")) if len(choices) == 1 else None
-    model_id = data.get("model") if isinstance(data.get("model"), str) else model
-    out: list[Completion] = []
-    try:
-        ordered = sorted(choices, key=lambda c: _count(c.get("index")) or 0)
-        for i, choice in enumerate(ordered):
-            text = choice["message"]["content"] if chat else choice["text"]
-            if not isinstance(text, str | None):
-                raise TypeError("text is not a string")
-            out.append(
-                Completion(
-                    text=text or "",
-                    finish_reason=finish_reason(choice.get("finish_reason")),
-                    backend=backend,
-                    latency_s=latency_s,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    model=model_id,
-                    index=i,
-                )
-            )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise _malformed(f"bad choice ({type(exc).__name__}: {exc})", backend) from exc
-    return out
-
-
-def parse_chunk(
-    event: object, *, chat: bool, backend: str
-) -> tuple[str, str | None, Mapping[str, Any] | None]:
-    """(text piece, raw finish_reason or None, usage or None) of one stream chunk."""
-    if not isinstance(event, Mapping):
-        raise _malformed(f"stream event is {type(event).__name__}, not an object", backend)
-    if "error" in event:
-        raise error_from_event(event["error"], backend=backend)
-    usage = event.get("usage")
-    usage = usage if isinstance(usage, Mapping) else None
-    piece, reason = "", None
-    try:
-        for choice in event.get("choices") or ():
-            part = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            piece += part or ""
-            reason = choice.get("finish_reason") or reason
-    except (TypeError, AttributeError) as exc:
-        raise _malformed(f"bad stream chunk ({type(exc).__name__})", backend) from exc
-    return piece, reason, usage
-
-
-class Wire(Protocol):
-    """What a transport does: one call, one stream (``None`` marks ``[DONE]``)."""
-
-    async def create(self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]) -> Any: ...
-
-    def stream(
-        self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]
-    ) -> AsyncGenerator[Any, None]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _HTTPWire:
-    def __init__(self, http: HTTPTransport) -> None:
-        self._http = http
-
-    async def create(self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]) -> Any:
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        return await self._http.post_json(path, {**body, **vendor})
-
-    async def stream(
-        self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]
-    ) -> AsyncGenerator[Any, None]:
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        sse = cast(AsyncGenerator[str, None], self._http.post_sse(path, {**body, **vendor}))
-        async with aclosing(sse) as events:
-            async for data in events:
-                if data.strip() == "[DONE]":
-                    yield None
-                    return
-                yield self._http.decode_event(data)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-
-def _chain_mentions(exc: BaseException, secret: str) -> bool:
-    """Whether an exception chained to ``exc`` shows ``secret`` in its text."""
-    seen: set[int] = set()
-    link = exc.__cause__ or exc.__context__
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        if secret in str(link) or secret in repr(link.args):
-            return True
-        link = link.__cause__ or link.__context__
-    return False
 
 
 def server_root(url: str) -> str:
@@ -259,7 +121,13 @@ def server_root(url: str) -> str:
 class OpenAIBackend(BaseBackend):
     """An OpenAI-compatible server.  ``mode="auto"`` uses chat for requests with
     messages and completions otherwise; ``model=None`` takes the first entry of
-    ``GET /v1/models`` on first use."""
+    ``GET /v1/models`` on first use.
+
+    ``extensions``: send vLLM's extension fields (``top_k``, ``min_tokens``) when a
+    request sets them (default; learnt away if the server refuses them).
+    ``max_response_bytes`` (16 MiB) and ``max_completion_chars`` (1 Mi characters)
+    bound what one answer may bring.
+    """
 
     kind = "openai"
     requires = ("url",)
@@ -278,19 +146,27 @@ class OpenAIBackend(BaseBackend):
         timeout: float | None = 600.0,
         read_timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
+        extensions: bool = True,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_completion_chars: int = DEFAULT_MAX_COMPLETION_CHARS,
     ) -> None:
         super().__init__(name=name)
         if mode not in ("completions", "chat", "auto"):
             raise ValueError(f"mode must be completions, chat or auto, got {mode!r}")
+        if max_completion_chars < 1:
+            raise ValueError("max_completion_chars must be >= 1")
         key = resolve_key(api_key, api_key_env)
         self.url = server_root(url)
         self.mode: Mode = mode
         self.transport: TransportName = transport
+        self.extensions = bool(extensions)
+        self.max_completion_chars = max_completion_chars
         self._model = model
+        self._models: list[str] = []
         self._max_model_len: int | None = None
         self._model_lock = asyncio.Lock()
-        self._key = key
-        self._n_ignored = False
+        self._n_support: bool | None = None
+        self._refused: frozenset[str] = frozenset()
         self._http = HTTPTransport(
             self.url,
             backend=self.name,
@@ -299,10 +175,12 @@ class OpenAIBackend(BaseBackend):
             headers=headers,
             timeout=timeout,
             read_timeout=read_timeout,
+            max_response_bytes=max_response_bytes,
         )
+        self._scrubber = self._http.scrubber
         self._wire: Wire
         if transport == "aiohttp":
-            self._wire = _HTTPWire(self._http)
+            self._wire = HTTPWire(self._http)
         elif transport == "sdk":
             from .openai_sdk import SDKWire
 
@@ -313,6 +191,7 @@ class OpenAIBackend(BaseBackend):
                 timeout=timeout,
                 read_timeout=read_timeout,
                 headers=headers,
+                max_response_bytes=max_response_bytes,
             )
         else:
             raise ValueError(f"transport must be aiohttp or sdk, got {transport!r}")
@@ -330,18 +209,8 @@ class OpenAIBackend(BaseBackend):
     @contextmanager
     def _scrubbed(self) -> Iterator[None]:
         """Some servers echo the key they rejected; keep it out of our messages."""
-        try:
+        with scrubbed_errors(self._scrubber):
             yield
-        except BackendError as exc:
-            secret = self._key.reveal() if self._key is not None else ""
-            if secret and secret in exc.message:
-                exc.message = exc.message.replace(secret, "***")
-                exc.args = (exc.message,)
-            if secret and _chain_mentions(exc, secret):
-                # the cause (e.g. the SDK's own error) quotes it: drop the chain
-                exc.__cause__ = exc.__context__ = None
-                exc.__suppress_context__ = True
-            raise
 
     def _chat(self, request: GenerationRequest) -> bool:
         return self.mode == "chat" or (self.mode == "auto" and request.is_chat)
@@ -354,35 +223,93 @@ class OpenAIBackend(BaseBackend):
         return self._model or ""
 
     async def _read_models(self) -> None:
-        """Learn the model id (unless given) and its context size from /v1/models."""
+        """Learn the served model ids, the model id (unless given) and its context size
+        from /v1/models."""
         with self._scrubbed():
             status, body = await self._http.get("/v1/models")
             if status >= 400:
-                raise error_from_status(
-                    status, error_message(self._http.scrub(body)), backend=self.name
-                )
+                raise error_from_status(status, error_message(body), backend=self.name)
         try:
-            entries = json.loads(body)["data"]
-            if self._model is None:
-                entry = entries[0]
-                if not isinstance(entry["id"], str):
-                    raise TypeError("model id is not a string")
-                self._model = entry["id"]
-            else:
-                entry = next((e for e in entries if e.get("id") == self._model), {})
-            self._max_model_len = _count(entry.get("max_model_len"))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise _malformed(
-                f"/v1/models lists no model ({type(exc).__name__})", self.name
-            ) from exc
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        entries = data.get("data") if isinstance(data, Mapping) else None
+        if not isinstance(entries, list) or not all(
+            isinstance(e, Mapping) and isinstance(e.get("id"), str) for e in entries
+        ):
+            raise _malformed("/v1/models is not a list of models with string ids", self.name)
+        if self._model is None and not entries:
+            raise _malformed("/v1/models lists no model", self.name)
+        self._models = [str(e["id"]) for e in entries]
+        if self._model is None:
+            self._model = self._models[0]
+        entry: Mapping[str, Any] = next((e for e in entries if e["id"] == self._model), {})
+        self._max_model_len = _count(entry.get("max_model_len"))
+
+    def _payload(
+        self, request: GenerationRequest, model: str, chat: bool, stream: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        return build_payload(
+            request,
+            model,
+            chat=chat,
+            stream=stream,
+            extensions=self.extensions,
+            drop=self._refused,
+        )
+
+    def _learn(self, exc: BadRequestError, sent: set[str]) -> bool:
+        """Whether ``exc`` names fields of ``sent`` that this server refuses (they are
+        then left out from now on)."""
+        refused = rejected_fields(exc.message, sent) - self._refused
+        if not refused:
+            return False
+        self._refused |= refused
+        log.warning(
+            "backend %s: the server refuses %s; leaving them out from now on",
+            self.name,
+            ", ".join(sorted(refused)),
+        )
+        return True
+
+    async def _negotiated(
+        self,
+        call: Callable[[dict[str, Any], dict[str, Any]], Awaitable[_T]],
+        request: GenerationRequest,
+        model: str,
+        chat: bool,
+        stream: bool = False,
+    ) -> _T:
+        """``call(body, vendor)``, sent again (once per newly learnt set of refused
+        fields) when the server names fields it does not accept."""
+        for _ in range(_MAX_NEGOTIATION_ROUNDS):
+            body, vendor = self._payload(request, model, chat, stream)
+            try:
+                return await call(body, vendor)
+            except BadRequestError as exc:
+                if not self._learn(exc, set(body) | set(vendor)):
+                    raise
+        body, vendor = self._payload(request, model, chat, stream)
+        return await call(body, vendor)
 
     async def _once(self, request: GenerationRequest, chat: bool, model: str) -> list[Completion]:
-        body, vendor = build_payload(request, model, chat=chat)
         start = time.perf_counter()
         with self._scrubbed():
-            data = await self._wire.create(chat, body, vendor)
-        latency = time.perf_counter() - start
-        return parse_response(data, chat=chat, backend=self.name, model=model, latency_s=latency)
+
+            async def call(body: dict[str, Any], vendor: dict[str, Any]) -> Any:
+                return await self._wire.create(chat, body, vendor)
+
+            data = await self._negotiated(call, request, model, chat)
+            return parse_response(
+                data,
+                chat=chat,
+                backend=self.name,
+                model=model,
+                latency_s=time.perf_counter() - start,
+                request=request,
+                scrubber=self._scrubber,
+                max_completion_chars=self.max_completion_chars,
+            )
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         chat = self._chat(request)
@@ -392,12 +319,14 @@ class OpenAIBackend(BaseBackend):
             seed = None if request.seed is None else request.seed + i
             return request.replace(n=1, seed=seed)
 
-        if request.n > 1 and self._n_ignored:
+        if request.n > 1 and self._n_support is False:
             return await gather_n(request.n, [], lambda k: self._once(nth(k), chat, model))
         got = await self._once(request, chat, model)
         if len(got) >= request.n:
+            if request.n > 1:
+                self._n_support = True
             return got[: request.n]
-        self._n_ignored = True
+        self._n_support = False
         have = len(got)
         return await gather_n(request.n, got, lambda k: self._once(nth(have + k), chat, model))
 
@@ -406,37 +335,41 @@ class OpenAIBackend(BaseBackend):
             raise BadRequestError(f"stream() needs n == 1, got n={request.n}", backend=self.name)
         chat = self._chat(request)
         model = await self._model_id()
-        body, vendor = build_payload(request, model, chat=chat, stream=True)
         start = time.perf_counter()
-        parts: list[str] = []
-        reason: str | None = None
-        usage: Mapping[str, Any] = {}
-        done = False
         with self._scrubbed():
-            async with aclosing(self._wire.stream(chat, body, vendor)) as events:
-                async for event in events:
-                    if event is None:
-                        done = True
-                        break
-                    piece, why, got_usage = parse_chunk(event, chat=chat, backend=self.name)
-                    reason = why or reason
-                    usage = got_usage or usage
-                    if piece:
-                        parts.append(piece)
-                        yield TextDelta(piece)
-        if reason is None and not done:
-            raise MalformedResponseError(
-                "stream ended without a finish_reason or [DONE]", backend=self.name
-            )
-        yield Completion(
-            text="".join(parts),
-            finish_reason=finish_reason(reason),
-            backend=self.name,
-            latency_s=time.perf_counter() - start,
-            prompt_tokens=_count(usage.get("prompt_tokens")),
-            completion_tokens=_count(usage.get("completion_tokens")),
-            model=model,
-        )
+
+            async def opened(body: dict[str, Any], vendor: dict[str, Any]) -> Any:
+                """The stream with its first event read (a refusal comes before it)."""
+                events = self._wire.stream(chat, body, vendor)
+                try:
+                    first = await anext(events, _END)
+                except BaseException:
+                    await events.aclose()
+                    raise
+                return first, events
+
+            first, events = await self._negotiated(opened, request, model, chat, stream=True)
+
+            async def all_events() -> AsyncGenerator[Any, None]:
+                if first is _END:
+                    return
+                yield first
+                if first is not None:
+                    async for event in events:
+                        yield event
+
+            async with aclosing(events), aclosing(all_events()) as chunks:
+                async for event in stream_completion(
+                    chunks,
+                    request,
+                    chat=chat,
+                    backend=self.name,
+                    model=model,
+                    scrubber=self._scrubber,
+                    max_completion_chars=self.max_completion_chars,
+                    started=start,
+                ):
+                    yield event
 
     async def info(self) -> BackendInfo:
         await self._read_models()
@@ -445,16 +378,23 @@ class OpenAIBackend(BaseBackend):
             kind=self.kind,
             model=self._model,
             max_total_tokens=self._max_model_len,
-            supports_n=not self._n_ignored,
-            extra={"url": self.url, "mode": self.mode, "transport": self.transport},
+            supports_n=self._n_support,
+            extra={
+                "url": self.url,
+                "mode": self.mode,
+                "transport": self.transport,
+                "models": list(self._models),
+                "refused_fields": sorted(self._refused),
+            },
         )
 
     async def health(self) -> Health:
         start = time.perf_counter()
         try:
-            status, body = await self._http.get("/health", timeout=_HEALTH_TIMEOUT)
-            if status == 404:  # llama.cpp's server has no /health
-                status, body = await self._http.get("/v1/models", timeout=_HEALTH_TIMEOUT)
+            with self._scrubbed():
+                status, body = await self._http.get("/health", timeout=_HEALTH_TIMEOUT)
+                if status == 404:  # llama.cpp's server has no /health
+                    status, body = await self._http.get("/v1/models", timeout=_HEALTH_TIMEOUT)
         except BackendError as exc:
             return Health(ok=False, latency_s=time.perf_counter() - start, detail=str(exc))
         latency = time.perf_counter() - start

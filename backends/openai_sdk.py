@@ -11,12 +11,14 @@ Differences from the default transport, both documented in ``OpenAIBackend``:
 - The SDK hides whether a stream ended with ``[DONE]``: a stream that closes cleanly
   after at least one chunk counts as finished, so a missing finish_reason reads
   ``unknown``; an empty stream is malformed.
+- ``max_response_bytes`` bounds a plain answer's body, and each line of a stream, as
+  they are read (a response hook wraps the SDK's body stream).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,13 +29,14 @@ from ensemble_async.errors import (
     ConnectError,
     MalformedResponseError,
     RequestTimeoutError,
+    ResponseTooLargeError,
+    error_from_event,
     error_from_status,
     parse_retry_after,
 )
-from ensemble_async.http import error_message
+from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, error_message
+from ensemble_async.scrub import Scrubber
 from ensemble_async.secret import Secret
-
-from .openai import error_from_event
 
 try:
     import openai
@@ -59,12 +62,17 @@ class SDKWire:
         timeout: float | None,
         read_timeout: float | None,
         headers: Mapping[str, str] | None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if openai is None:
             raise ImportError(
                 'transport="sdk" needs the openai package: pip install "ensemble-async[openai]"'
             )
+        if api_key is not None and not api_key.reveal().isascii():
+            # httpx cannot put it in a header; say so now rather than per request
+            raise ValueError('transport="sdk" needs an API key of ASCII characters only')
         self.backend = backend
+        self._scrubber = Scrubber(api_key.reveal() if api_key is not None else None)
         connect = 10.0 if timeout is None else min(10.0, timeout)
         read = read_timeout if read_timeout is not None else timeout
         self._client = openai.AsyncOpenAI(
@@ -75,7 +83,9 @@ class SDKWire:
             max_retries=0,
             timeout=openai.Timeout(timeout, connect=connect, read=read),
             default_headers=dict(headers or {}),
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(
+                event_hooks={"response": [_capper(max_response_bytes, backend)]}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -113,6 +123,9 @@ class SDKWire:
         chain = [exc]
         while len(chain) < 10 and (nxt := chain[-1].__cause__ or chain[-1].__context__):
             chain.append(nxt)
+        for e in chain:
+            if isinstance(e, BackendError):
+                return e
         if any(isinstance(e, aiohttp.ClientPayloadError) for e in chain):
             return MalformedResponseError("response body broken off", backend=self.backend)
         for e in chain:
@@ -135,7 +148,7 @@ class SDKWire:
         except openai.APIStatusError as exc:
             raise error_from_status(
                 exc.status_code,
-                _message(exc.body, exc.message),
+                _message(exc.body, exc.message, self._scrubber),
                 backend=self.backend,
                 retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
             ) from exc
@@ -145,19 +158,61 @@ class SDKWire:
             raise MalformedResponseError(exc.message, backend=self.backend) from exc
         except openai.APIError as exc:  # an error event inside a stream
             body = exc.body if isinstance(exc.body, Mapping) else {"message": exc.message}
-            raise error_from_event(body, backend=self.backend) from exc
+            raise error_from_event(body, backend=self.backend, scrub=self._scrubber.scrub) from exc
         except ValueError as exc:  # JSON that does not parse
             raise MalformedResponseError(
                 f"answer is not JSON: {type(exc).__name__}", backend=self.backend
             ) from exc
 
 
-def _message(body: object, fallback: str) -> str:
+def _message(body: object, fallback: str, scrubber: Scrubber) -> str:
+    """The server's message from an SDK error body, scrubbed before it is cut short."""
     if isinstance(body, Mapping):
         for key in ("message", "detail", "error"):
             if isinstance(body.get(key), str):
-                return str(body[key])
-        return json.dumps(body)[:500]
+                return scrubber.scrub(str(body[key]))[:500]
+        return scrubber.scrub(json.dumps(body, default=str))[:500]
     if isinstance(body, str):
-        return error_message(body)
-    return fallback
+        return error_message(scrubber.scrub(body))
+    return scrubber.scrub(fallback)
+
+
+def _capper(limit: int, backend: str) -> Any:
+    """An httpx response hook that bounds a plain (not event-stream) body to ``limit``."""
+
+    async def cap(response: Any) -> None:
+        if "text/event-stream" in response.headers.get("content-type", ""):
+            response.stream = _capped_stream(response.stream, limit, backend, lines=True)
+            return
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ResponseTooLargeError(
+                f"answer of {length} bytes is over the limit of {limit} bytes", backend=backend
+            )
+        response.stream = _capped_stream(response.stream, limit, backend)
+
+    return cap
+
+
+def _capped_stream(inner: Any, limit: int, backend: str, *, lines: bool = False) -> Any:
+    """``inner`` (the SDK's httpx body stream) cut off with ``ResponseTooLargeError``
+    once more than ``limit`` bytes have come (``lines``: in one line of an event stream).  The wrapper subclasses the stream's own
+    ``AsyncByteStream`` base, which httpx checks (httpx or the SDK's vendored copy)."""
+    base = next((c for c in type(inner).__mro__ if c.__name__ == "AsyncByteStream"), type(inner))
+
+    class Capped(base):  # type: ignore[misc, valid-type]
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in inner:
+                newline = chunk.rfind(b"\n") if lines else -1
+                seen = len(chunk) - newline - 1 if newline >= 0 else seen + len(chunk)
+                if seen > limit:
+                    raise ResponseTooLargeError(
+                        f"answer is over the limit of {limit} bytes", backend=backend
+                    )
+                yield chunk
+
+        async def aclose(self) -> None:
+            await inner.aclose()
+
+    return Capped()

@@ -10,11 +10,21 @@ Facts this adapter relies on (see PROTOCOLS.md):
 * ``min_new_tokens`` has no TGI parameter and is dropped.
 * Stop strings are limited (``max_stop_sequences`` in ``/info``, 4 by default); a request
   with more is refused here, before it is sent.  TGI leaves the matched stop string at
-  the end of ``generated_text``; it is cut off here, as other servers do.
+  the end of ``generated_text``; every text is cut at its first stop string here
+  (``ensemble_async.stops``), streams included.
 * ``details: true`` is always sent, for the finish reason and the token counts.
 * ``/generate_stream`` sends ``data:{json}`` events without ``[DONE]``; the last event
   carries ``generated_text`` and ``details``.  Errors, validation included, arrive as an
   event ``{"error", "error_type"}`` under HTTP 200.
+* Chat requests (``messages``) go to TGI's OpenAI-style ``/v1/chat/completions``,
+  through the shared OpenAI protocol code (``openai_protocol``); TGI takes no ``top_k``
+  or ``min_tokens`` there, rejects ``top_p == 1.0`` as on ``/generate`` (it is left out)
+  and ignores ``n`` (we fan out as for prompts).
+* Every field read from an answer is type-checked: a wrong type is a
+  ``MalformedResponseError`` for that request; a wrong type in ``/info`` leaves that
+  (optional) fact unknown.
+* The key, if the server echoes it, is masked in errors and texts (``ensemble_async.scrub``);
+  ``max_response_bytes`` and ``max_completion_chars`` bound an answer while it is read.
 """
 
 from __future__ import annotations
@@ -23,8 +33,9 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, contextmanager
+from typing import Any, Literal, cast
 
 import aiohttp
 
@@ -36,12 +47,15 @@ from ensemble_async.errors import (
     FatalError,
     MalformedResponseError,
     OverloadedError,
+    ResponseTooLargeError,
     ServerError,
     error_from_status,
 )
-from ensemble_async.http import HTTPTransport, error_message
+from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, HTTPTransport, error_message
 from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
+from ensemble_async.scrub import ScrubHoldback, scrubbed_errors
 from ensemble_async.secret import Secret, resolve_key
+from ensemble_async.stops import StopHoldback, cut_at_stop
 from ensemble_async.types import (
     BackendInfo,
     Completion,
@@ -52,6 +66,14 @@ from ensemble_async.types import (
     TextDelta,
 )
 
+from .openai_protocol import (
+    DEFAULT_MAX_COMPLETION_CHARS,
+    HTTPWire,
+    build_payload,
+    parse_response,
+    stream_completion,
+)
+
 __all__ = ["TGIBackend"]
 
 _FINISH: dict[str, FinishReason] = {
@@ -59,15 +81,26 @@ _FINISH: dict[str, FinishReason] = {
     "stop_sequence": "stop",
     "length": "length",
 }
+_INFO_INTS = (
+    "max_concurrent_requests",
+    "max_batch_size",
+    "max_best_of",
+    "max_stop_sequences",
+    "max_input_tokens",
+    "max_total_tokens",
+)
 # TGI's validation messages for prompts that do not fit the model.
 _CONTEXT_MESSAGES = ("`inputs` tokens + `max_new_tokens`", "`inputs` must have less than")
 
 
 class TGIBackend(BaseBackend):
-    """A TGI server at ``url`` (e.g. ``http://host:8080``), through ``/generate``.
+    """A TGI server at ``url`` (e.g. ``http://host:8080``), through ``/generate`` for
+    prompts and ``/v1/chat/completions`` for chat messages.
 
-    ``endpoint="compat"`` uses ``POST /`` instead (same body plus ``stream``).  The
-    aiohttp ``session`` is shared when given (and then left open by ``aclose``).
+    ``endpoint="compat"`` uses ``POST /`` instead of ``/generate`` (same body plus
+    ``stream``).  The aiohttp ``session`` is shared when given (and then left open by
+    ``aclose``).  ``max_response_bytes`` (16 MiB) and ``max_completion_chars`` (1 Mi
+    characters) bound what one answer may bring.
     """
 
     kind = "tgi"
@@ -87,10 +120,14 @@ class TGIBackend(BaseBackend):
         read_timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
         endpoint: Literal["generate", "compat"] = "generate",
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_completion_chars: int = DEFAULT_MAX_COMPLETION_CHARS,
     ) -> None:
         super().__init__(name=name)
         if endpoint not in ("generate", "compat"):
             raise ValueError(f"endpoint must be 'generate' or 'compat', got {endpoint!r}")
+        if max_completion_chars < 1:
+            raise ValueError("max_completion_chars must be >= 1")
         self._http = HTTPTransport(
             url,
             backend=self.name,
@@ -99,7 +136,11 @@ class TGIBackend(BaseBackend):
             headers=headers,
             timeout=timeout,
             read_timeout=read_timeout,
+            max_response_bytes=max_response_bytes,
         )
+        self._scrubber = self._http.scrubber
+        self._chat_wire = HTTPWire(self._http)
+        self.max_completion_chars = max_completion_chars
         self._endpoint = endpoint
         self._info: BackendInfo | None = None
         self._info_lock = asyncio.Lock()
@@ -111,15 +152,17 @@ class TGIBackend(BaseBackend):
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        """Some servers echo the key they rejected; keep it out of our messages."""
+        with scrubbed_errors(self._scrubber):
+            yield
+
     # -- requests ---------------------------------------------------------------------
 
     def _payload(self, request: GenerationRequest, seed: int | None) -> dict[str, Any]:
         if request.prompt is None:
-            raise BadRequestError(
-                "TGI's native API takes a prompt, not chat messages "
-                "(use the openai backend on TGI's /v1 for chat)",
-                backend=self.name,
-            )
+            raise BadRequestError("TGI's native API takes a prompt", backend=self.name)
         params: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "details": True}
         if request.greedy:
             params["do_sample"] = False
@@ -158,28 +201,51 @@ class TGIBackend(BaseBackend):
     def _completion(
         self, text: Any, details: Any, request: GenerationRequest, started: float
     ) -> Completion:
+        """The final completion from ``generated_text`` and ``details``, every field
+        type-checked, the text cut at its first stop string and scrubbed."""
         if not isinstance(text, str) or not isinstance(details, dict):
             raise MalformedResponseError(
                 "TGI answer lacks generated_text or details", backend=self.name
             )
+        if len(text) > self.max_completion_chars:
+            raise ResponseTooLargeError(
+                f"completion of {len(text)} characters is over the limit of "
+                f"{self.max_completion_chars}",
+                backend=self.name,
+            )
         reason = details.get("finish_reason")
-        if reason == "stop_sequence":
-            text = _cut_stop(text, request.stop)
-        prefill = details.get("prefill")
+        generated = details.get("generated_tokens")
         prompt_tokens = details.get("input_length")
+        prefill = details.get("prefill")
+        if not isinstance(reason, str | None):
+            raise self._malformed("details.finish_reason", reason)
+        if not _is_count(generated, optional=True):
+            raise self._malformed("details.generated_tokens", generated)
+        if not _is_count(prompt_tokens, optional=True):
+            raise self._malformed("details.input_length", prompt_tokens)
+        if not isinstance(prefill, list | None):
+            raise self._malformed("details.prefill", prefill)
         if prompt_tokens is None and prefill:
             prompt_tokens = len(prefill)
+        text, stopped = cut_at_stop(text, request.stop)
         return Completion(
-            text=text,
-            finish_reason=_FINISH.get(str(reason), "unknown"),
+            text=self._scrubber.scrub(text),
+            finish_reason="stop" if stopped else _FINISH.get(str(reason), "unknown"),
             backend=self.name,
             latency_s=time.perf_counter() - started,
             prompt_tokens=prompt_tokens,
-            completion_tokens=details.get("generated_tokens"),
+            completion_tokens=generated,
             model=self._info.model if self._info else None,
         )
 
+    def _malformed(self, field: str, value: object) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"TGI answer has {field} of type {type(value).__name__}", backend=self.name
+        )
+
     async def _generate_one(self, request: GenerationRequest, seed: int | None) -> Completion:
+        if request.is_chat:
+            return await self._chat_one(request, seed)
         payload = self._payload(request, seed)
         started = time.perf_counter()
         if self._endpoint == "compat":
@@ -202,61 +268,152 @@ class TGIBackend(BaseBackend):
         done = self._completion(data.get("generated_text"), data.get("details"), request, started)
         return _with_prompt_tokens(done, headers)
 
-    async def generate(self, request: GenerationRequest) -> list[Completion]:
-        await self._check_stops(request)
-        if request.n == 1:
-            return [await self._generate_one(request, request.seed)]
+    def _chat_payload(
+        self, request: GenerationRequest, seed: int | None, stream: bool
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        drop = {"n"} | ({"top_p"} if request.top_p >= 1.0 else set())
+        model = self._info.model if self._info and self._info.model else "tgi"
+        body, extra = build_payload(
+            request.replace(seed=seed, n=1),
+            model,
+            chat=True,
+            stream=stream,
+            extensions=False,
+            drop=frozenset(drop),
+        )
+        return body, extra
 
-        async def one_more(k: int) -> list[Completion]:
-            seed = None if request.seed is None else request.seed + k
-            return [await self._generate_one(request, seed)]
-
+    async def _chat_one(self, request: GenerationRequest, seed: int | None) -> Completion:
+        """One chat completion through TGI's ``/v1/chat/completions``."""
+        body, extra = self._chat_payload(request, seed, stream=False)
+        started = time.perf_counter()
         try:
-            return await gather_n(request.n, [], one_more)
-        except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            data = await self._chat_wire.create(True, body, extra)
+        except BadRequestError as exc:
+            raise _refine(exc) from exc
+        [completion] = parse_response(
+            data,
+            chat=True,
+            backend=self.name,
+            model=self._info.model if self._info else None,
+            latency_s=time.perf_counter() - started,
+            request=request,
+            scrubber=self._scrubber,
+            max_completion_chars=self.max_completion_chars,
+        )[:1]
+        return completion
+
+    async def _chat_stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        body, extra = self._chat_payload(request, request.seed, stream=True)
+        started = time.perf_counter()
+        try:
+            async with aclosing(self._chat_wire.stream(True, body, extra)) as events:
+                async for event in stream_completion(
+                    events,
+                    request,
+                    chat=True,
+                    backend=self.name,
+                    model=self._info.model if self._info else None,
+                    scrubber=self._scrubber,
+                    max_completion_chars=self.max_completion_chars,
+                    started=started,
+                ):
+                    yield event
+        except BadRequestError as exc:
+            raise _refine(exc) from exc
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        with self._scrubbed():
+            await self._check_stops(request)
+            if request.n == 1:
+                return [await self._generate_one(request, request.seed)]
+
+            async def one_more(k: int) -> list[Completion]:
+                seed = None if request.seed is None else request.seed + k
+                return [await self._generate_one(request, seed)]
+
+            try:
+                return await gather_n(request.n, [], one_more)
+            except BaseExceptionGroup as group:
+                raise _first_leaf(group) from None
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.n != 1:
             raise BadRequestError("streaming needs n == 1", backend=self.name)
-        await self._check_stops(request)
+        with self._scrubbed():
+            await self._check_stops(request)
+            events = self._chat_stream(request) if request.is_chat else self._native(request)
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+
+    async def _native(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        """A stream from ``/generate_stream`` (or ``POST /``)."""
         payload = self._payload(request, request.seed)
         if self._endpoint == "compat":
             payload["stream"] = True
             payload["parameters"].setdefault("return_full_text", False)
         path = "/" if self._endpoint == "compat" else "/generate_stream"
-        held = _StopHoldback(request.stop)
+        stops = StopHoldback(request.stop)
+        masked = ScrubHoldback(self._scrubber)
+        streamed = 0
         started = time.perf_counter()
         try:
-            async for data in self._http.post_sse(path, payload):
-                event = self._http.decode_event(data)
-                if not isinstance(event, dict):
-                    raise MalformedResponseError("stream event is not an object", backend=self.name)
-                if "error" in event:
-                    raise self._stream_error(event)
-                token = event.get("token") or {}
-                if not token.get("special") and isinstance(token.get("text"), str):
-                    piece = held.feed(token["text"])
-                    if piece:
-                        yield TextDelta(piece)
-                if event.get("generated_text") is not None:
-                    done = self._completion(
-                        event["generated_text"], event.get("details"), request, started
-                    )
-                    rest = held.finish(done.text)
-                    if rest:
-                        yield TextDelta(rest)
-                    yield done
-                    return
+            sse_events = cast(AsyncGenerator[str, None], self._http.post_sse(path, payload))
+            async with aclosing(sse_events) as sse:
+                async for data in sse:
+                    event = self._http.decode_event(data)
+                    if not isinstance(event, dict):
+                        raise MalformedResponseError(
+                            "stream event is not an object", backend=self.name
+                        )
+                    if "error" in event:
+                        raise self._stream_error(event)
+                    piece = self._token_text(event.get("token"))
+                    if piece and not stops.stopped:
+                        streamed += len(piece)
+                        if streamed > self.max_completion_chars:
+                            raise ResponseTooLargeError(
+                                "streamed completion is over the limit of "
+                                f"{self.max_completion_chars} characters",
+                                backend=self.name,
+                            )
+                        out = masked.feed(stops.feed(piece))
+                        if out:
+                            yield TextDelta(out)
+                    if event.get("generated_text") is not None:
+                        done = self._completion(
+                            event["generated_text"], event.get("details"), request, started
+                        )
+                        rest = masked.finish(done.text)
+                        if rest:
+                            yield TextDelta(rest)
+                        yield done
+                        return
         except BadRequestError as exc:
             raise _refine(exc) from exc
         raise MalformedResponseError(
             "stream ended before its final event (truncated)", backend=self.name
         )
 
+    def _token_text(self, token: object) -> str:
+        """The text of a stream event's ``token`` ("" for special tokens and none)."""
+        if token is None:
+            return ""
+        if not isinstance(token, dict):
+            raise self._malformed("token", token)
+        text, special = token.get("text"), token.get("special", False)
+        if not isinstance(text, str | None):
+            raise self._malformed("token.text", text)
+        if not isinstance(special, bool | None):
+            raise self._malformed("token.special", special)
+        return "" if special or text is None else text
+
     def _stream_error(self, event: Mapping[str, Any]) -> BackendError:
-        message = f"{event.get('error')} ({event.get('error_type')})"
-        kind = event.get("error_type")
+        error, kind = event.get("error"), event.get("error_type")
+        text = error if isinstance(error, str) else json.dumps(error, default=str)
+        text = self._scrubber.scrub(text)  # before it is cut short
+        message = f"{text[:500]} ({kind})" if isinstance(kind, str) else text[:500]
         if kind == "overloaded":
             return OverloadedError(message, backend=self.name, status=None)
         if kind == "validation":
@@ -274,11 +431,10 @@ class TGIBackend(BaseBackend):
         return self._info
 
     async def _fetch_info(self) -> BackendInfo:
-        status, body = await self._http.get("/info", timeout=self.health_timeout)
-        if status != 200:
-            raise error_from_status(
-                status, error_message(self._http.scrub(body)), backend=self.name
-            )
+        with self._scrubbed():
+            status, body = await self._http.get("/info", timeout=self.health_timeout)
+            if status != 200:
+                raise error_from_status(status, error_message(body), backend=self.name)
         try:
             data = json.loads(body)
         except ValueError:
@@ -294,16 +450,19 @@ class TGIBackend(BaseBackend):
             "max_input_tokens",
             "max_total_tokens",
         )
+        # optional facts of the wrong type stay unknown (None), they never break a run
+        facts = {k: v if _is_count(v := data.get(k)) else None for k in _INFO_INTS}
+        model_id = data.get("model_id")
         return BackendInfo(
             name=self.name,
             kind=self.kind,
-            model=data.get("model_id"),
-            max_concurrency=data.get("max_concurrent_requests"),
-            max_batch_size=data.get("max_batch_size"),
-            max_best_of=data.get("max_best_of"),
-            max_stop_sequences=data.get("max_stop_sequences"),
-            max_input_tokens=data.get("max_input_tokens"),
-            max_total_tokens=data.get("max_total_tokens"),
+            model=model_id if isinstance(model_id, str) else None,
+            max_concurrency=facts["max_concurrent_requests"],
+            max_batch_size=facts["max_batch_size"],
+            max_best_of=facts["max_best_of"],
+            max_stop_sequences=facts["max_stop_sequences"],
+            max_input_tokens=facts["max_input_tokens"],
+            max_total_tokens=facts["max_total_tokens"],
             supports_n=False,
             extra={k: v for k, v in data.items() if k not in known},
         )
@@ -311,7 +470,8 @@ class TGIBackend(BaseBackend):
     async def health(self) -> Health:
         started = time.perf_counter()
         try:
-            status, body = await self._http.get("/health", timeout=self.health_timeout)
+            with self._scrubbed():
+                status, body = await self._http.get("/health", timeout=self.health_timeout)
         except BackendError as exc:
             return Health(ok=False, latency_s=time.perf_counter() - started, detail=str(exc))
         elapsed = time.perf_counter() - started
@@ -438,45 +598,6 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def _cut_stop(text: str, stops: tuple[str, ...]) -> str:
-    """The text before the first stop string (TGI leaves the matched one in)."""
-    cuts = [i for s in stops if (i := text.find(s)) >= 0]
-    return text[: min(cuts)] if cuts else text
-
-
-class _StopHoldback:
-    """Streams text while holding back what could still turn into a stop string, so that
-    the deltas add up to the final text with the stop string cut off."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._text = ""
-        self._sent = 0
-
-    def feed(self, piece: str) -> str:
-        self._text += piece
-        if not self._stops:
-            self._sent = len(self._text)
-            return piece
-        text, start = self._text, self._sent
-        cuts = [i for s in self._stops if (i := text.find(s, start)) >= 0]
-        if cuts:
-            end = min(cuts)
-        else:
-            hold = max(
-                (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                default=0,
-            )
-            end = len(text) - hold
-        out = text[start:end]
-        self._sent = max(start, end)
-        return out
-
-    def finish(self, final: str) -> str:
-        sent = self._text[: self._sent]
-        return final[len(sent) :] if final.startswith(sent) else ""
-
-
 def _with_prompt_tokens(done: Completion, headers: Mapping[str, str]) -> Completion:
     """``done`` with the prompt's token count from TGI's ``x-prompt-tokens`` header when
     the answer itself did not say (plain /generate reports it only there)."""
@@ -506,3 +627,10 @@ async def _all(coros: Any) -> list[Any]:
     except BaseExceptionGroup as failed:
         raise _first_leaf(failed) from None
     return [t.result() for t in tasks]
+
+
+def _is_count(value: object, *, optional: bool = False) -> bool:
+    """Whether ``value`` is a count (a non-negative int, not a bool), or None if allowed."""
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -18,15 +18,19 @@ __all__ = [
     "OverloadedError",
     "RateLimitedError",
     "RequestTimeoutError",
+    "ResponseTooLargeError",
     "RetryableError",
     "ServerError",
     "UnknownBackendError",
+    "error_from_event",
     "error_from_status",
     "parse_retry_after",
 ]
 
 import email.utils
+import json
 import time
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 
@@ -99,6 +103,19 @@ class MalformedResponseError(RetryableError):
     """The server answered something that is not the protocol (bad JSON, truncated stream)."""
 
 
+class ResponseTooLargeError(MalformedResponseError):
+    """The answer (its body, one stream line, or a completion) is larger than the
+    backend's limit (``max_response_bytes``, ``max_completion_chars``).
+
+    Not retried: the same request would most likely meet the same flood, and every try
+    costs up to the limit in memory and bandwidth.  It is still a ``RetryableError``
+    subclass so that the circuit breaker counts it: a server that floods is sick, the
+    request is not at fault.
+    """
+
+    retryable = False
+
+
 class FatalError(BackendError):
     """Retrying the same request cannot help."""
 
@@ -133,6 +150,21 @@ _CONTEXT_MARKERS = (
     "exceeds the context",
     "exceed context window",
 )
+
+
+# A 5xx whose message is one of these is the server's request validation failing
+# (a pydantic-style error surfacing as a 500): the same request fails again.
+_VALIDATION_MARKERS = (
+    "validation error",
+    "validationerror",
+    "field required",
+    "extra inputs are not permitted",
+    "unexpected fields",
+    "unexpected keyword argument",
+    "input should be",
+)
+
+_MAX_MESSAGE_CHARS = 500
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -176,8 +208,30 @@ def error_from_status(
         if any(marker in lowered for marker in _CONTEXT_MARKERS):
             return ContextLengthError(message, backend=backend, status=status)
         return BadRequestError(message, backend=backend, status=status)
+    if status >= 500 and status != 503 and any(m in lowered for m in _VALIDATION_MARKERS):
+        return BadRequestError(message, backend=backend, status=status)
     if status == 424 or status >= 500:
         return ServerError(message, backend=backend, status=status)
     if status == 409:
         return ServerError(message, backend=backend, status=status)
     return BadRequestError(message, backend=backend, status=status)
+
+
+def error_from_event(
+    error: object, *, backend: str | None = None, scrub: Callable[[str], str] | None = None
+) -> BackendError:
+    """Our error for an ``{"error": ...}`` object met in a 200 answer or a stream event
+    (OpenAI-style: ``{"message", "code"}``; anything else is a server error).
+    ``scrub`` (e.g. a ``Scrubber``'s) is applied to the message before it is cut short."""
+    status = 500
+    if isinstance(error, Mapping):
+        raw = error.get("message")
+        message = raw if isinstance(raw, str) and raw else json.dumps(error, default=str)
+        code = error.get("code")
+        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+            status = code
+    else:
+        message = str(error)
+    if scrub is not None:
+        message = scrub(message)
+    return error_from_status(status, message[:_MAX_MESSAGE_CHARS], backend=backend)

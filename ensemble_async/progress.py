@@ -39,13 +39,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .scrub import is_secret_field
+
 __all__ = ["MODES", "Mode", "Progress", "StageCounts"]
 
 Mode = Literal["rich", "quiet", "jsonl"]
 MODES: tuple[Mode, ...] = ("rich", "quiet", "jsonl")
 
 STAGES = ("instructions", "instances", "answers", "consensus")
-_SECRET_WORDS = ("api_key", "apikey", "authorization", "password", "secret", "bearer")
 
 
 class _Snapshotting(Protocol):
@@ -84,18 +85,11 @@ class StageCounts:
         }
 
 
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    if lowered.endswith("_env"):  # the NAME of a variable holding a key is no secret
-        return False
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if not _is_secret_key(str(k))}
+        return {str(k): _jsonable(v) for k, v in value.items() if not is_secret_field(str(k))}
     if isinstance(value, list | tuple | set | frozenset):
         return [_jsonable(v) for v in value]
     to_dict = getattr(value, "to_dict", None)

@@ -150,8 +150,9 @@ class BackendInfo:
     max_stop_sequences: int | None = None
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
-    supports_n: bool = False
-    """True when the server honours ``n`` itself (vLLM); False when we fan out."""
+    supports_n: bool | None = False
+    """True when the server honours ``n`` itself (vLLM); False when we fan out; None
+    while unknown (not yet learnt from an answer)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -139,3 +140,70 @@ def test_error_message_shapes() -> None:
     assert error_message("  plain text ") == "plain text"
     assert error_message("") == "empty error body"
     assert len(error_message("y" * 5000)) == 500
+
+
+async def test_sse_line_over_the_limit_is_too_large_while_it_arrives() -> None:
+    chunks = [b"data: " + b"x" * 100] + [b"y" * 100] * 1000  # no newline ever
+
+    seen = 0
+
+    class Counting(Chunks):
+        async def iter_any(self) -> AsyncIterator[bytes]:
+            nonlocal seen
+            for chunk in self.chunks:
+                seen += 1
+                yield chunk
+
+    reader = cast(aiohttp.StreamReader, Counting(chunks))
+    with pytest.raises(errors.ResponseTooLargeError):
+        [d async for d in iter_sse_data(reader, max_event_bytes=1000)]
+    assert seen <= 11  # it stopped once the line passed 1000 bytes, not at the end
+
+
+async def test_sse_event_of_many_lines_over_the_limit_is_too_large() -> None:
+    chunks = [b"data: " + b"x" * 90 + b"\n"] * 20 + [b"\n"]
+    reader = cast(aiohttp.StreamReader, Chunks(chunks))
+    with pytest.raises(errors.ResponseTooLargeError):
+        [d async for d in iter_sse_data(reader, max_event_bytes=1000)]
+    assert len(await events(chunks)) == 1  # under the default limit it is one event
+
+
+async def test_sse_long_line_in_one_byte_chunks() -> None:
+    line = b"data: " + b"z" * 5000 + b"\r\n\r\n"
+    got = await events([line[i : i + 1] for i in range(len(line))])
+    assert got == ["z" * 5000]
+
+
+async def test_bodies_are_bounded_while_read(server: tuple[Scripted, str]) -> None:
+    scripted, url = server
+    scripted.replies.append((500, {}, [b"E" * 4096] * 64))  # 256 KiB error body
+    scripted.replies.append((200, {}, [b'{"a": "' + b"x" * 4096] * 64))
+    scripted.replies.append((200, {}, [b'{"a": 1}']))
+    http = HTTPTransport(url, backend="b", max_error_bytes=1024, max_response_bytes=64 * 1024)
+    try:
+        with pytest.raises(errors.ServerError) as info:
+            await http.post_json("/x", {})
+        assert info.value.message == "E" * 500  # read 1 KiB, cut to the message size
+        with pytest.raises(errors.ResponseTooLargeError) as big:
+            await http.post_json("/x", {})
+        assert big.value.backend == "b"
+        assert await http.post_json("/x", {}) == {"a": 1}  # the session goes on
+    finally:
+        await http.aclose()
+
+
+async def test_the_transport_scrubs_bodies(server: tuple[Scripted, str]) -> None:
+    scripted, url = server
+    key = "sk-transport/secret-0123"
+    echoed = json.dumps({"error": f"bad {key[:-1]}"}).replace("/", "\\/").encode()
+    scripted.replies.append((401, {}, [echoed]))
+    scripted.replies.append((200, {}, [b"<html>" + key.encode() + b"</html>"]))
+    http = HTTPTransport(url, backend="b", api_key=Secret(key))
+    try:
+        with pytest.raises(errors.AuthenticationError, match=r"bad \*\*\*"):
+            await http.post_json("/x", {})
+        with pytest.raises(errors.MalformedResponseError) as info:
+            await http.post_json("/x", {})
+        assert "secret" not in str(info.value) and "***" in str(info.value)
+    finally:
+        await http.aclose()

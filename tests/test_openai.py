@@ -372,7 +372,9 @@ async def test_info_reads_v1_models(double: OpenAIDouble, transport: str) -> Non
     async with _backend(double.url + "/v1/", transport, name="vllm-a") as backend:
         info = await backend.info()
     assert (info.name, info.kind, info.model) == ("vllm-a", "openai", "m-double")
-    assert info.max_total_tokens == 256 and info.supports_n
+    assert info.max_total_tokens == 256
+    assert info.supports_n is None  # not known before an answer to n > 1 shows it
+    assert info.extra["models"] == ["m-double"]
     assert info.extra["transport"] == transport
 
 

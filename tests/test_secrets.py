@@ -18,14 +18,17 @@ import sys
 import textwrap
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
+from rogue import Handler, Rogue, openai_answer, openai_chunk, reply, sse, tgi_final, tgi_token
 from served import Server
 
+from ensemble_async.backend import Backend
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.config import build_members, load_config
@@ -35,7 +38,7 @@ from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.secret import Secret
 from ensemble_async.testing.serve import echo_rejected_key
-from ensemble_async.types import GenerationRequest
+from ensemble_async.types import Completion, GenerationRequest, TextDelta
 
 pytest.importorskip("ensemble_async.pipeline")
 
@@ -348,3 +351,192 @@ async def test_reprs_of_objects_holding_a_key_never_show_it(
         )
     # nothing built here wrote a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.toml"]  # noqa: ASYNC240
+
+
+# -- a key echoed in any encoding, in part, or inside a completion -----------------------------
+
+
+def fragments_of(key: str, text: str) -> list[str]:
+    """Every 8-character window of ``key`` that ``text`` shows: plain, JSON-escaped (with
+    or without ``\\/``, ASCII-only or not) or percent-encoded (either hex case)."""
+    found = []
+    lowered = text.lower()
+    for i in range(len(key) - 7):
+        window = key[i : i + 8]
+        ascii_json = json.dumps(window)[1:-1]
+        forms = {
+            window,
+            ascii_json,
+            ascii_json.replace("/", "\\/"),
+            json.dumps(window, ensure_ascii=False)[1:-1].replace("/", "\\/"),
+        }
+        if any(f in text for f in forms) or any(
+            f.lower() in lowered for f in (quote(window, safe=""), ascii_json)
+        ):
+            found.append(window)
+    return found
+
+
+ECHOES: dict[str, Callable[[str], bytes]] = {
+    # a 401 whose JSON escapes "/" as "\/"
+    "slash": lambda t: json.dumps({"error": f"bad token {t}"}).replace("/", "\\/").encode(),
+    # ... or escapes every non-ASCII character (ensure_ascii)
+    "ascii": lambda t: json.dumps({"error": f"bad token {t}"}, ensure_ascii=True).encode(),
+    # ... or quotes the key without its last character
+    "prefix": lambda t: json.dumps({"error": f"bad token {t[:-1]}"}).encode(),
+    # ... or percent-encoded, in an OpenAI-style error object
+    "percent": lambda t: json.dumps(
+        {"error": {"message": f"bad token {quote(t, safe='')}", "code": 401}}
+    ).encode(),
+    # ... or as plain text, twice, with lower-case escapes
+    "text": lambda t: f"no: {t} / {json.dumps(t).lower()}".encode(),
+}
+
+
+def hostile_key(*, ascii_only: bool = False) -> str:
+    """A key with a "/", a "+" and (unless ``ascii_only``) non-ASCII characters."""
+    tail = "" if ascii_only else "\u00e9\u00df"
+    return f"sk-live/MARKER{uuid.uuid4().hex[:12]}+Zz9{tail}"
+
+
+def echo(form: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return web.Response(status=401, body=ECHOES[form](token), content_type="application/json")
+
+    return handle
+
+
+def tgi_backend(url: str, key: str) -> Backend:
+    return TGIBackend(url, api_key=key)
+
+
+def openai_backend(url: str, key: str) -> Backend:
+    return OpenAIBackend(url, model="rogue-model", api_key=key)
+
+
+def sdk_backend(url: str, key: str) -> Backend:
+    pytest.importorskip("openai")
+    return OpenAIBackend(url, model="rogue-model", api_key=key, transport="sdk")
+
+
+BACKENDS = [tgi_backend, openai_backend, sdk_backend]
+
+
+@pytest.mark.parametrize("form", sorted(ECHOES))
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_an_echoed_key_is_masked_in_every_encoding(
+    form: str, make: Callable[[str, str], Backend]
+) -> None:
+    key = hostile_key(ascii_only=make is sdk_backend)  # httpx sends ASCII headers only
+    async with Rogue(echo(form)) as server:
+        server.get_handler = echo(form)
+        texts: list[str] = []
+        async with make(server.url, key) as backend:
+            for call in (
+                lambda: backend.generate(GenerationRequest(prompt="hi", max_new_tokens=4)),
+                lambda: backend.generate(GenerationRequest(prompt="hi", stop=("x",))),
+                lambda: _drain(backend),
+                backend.info,
+            ):
+                with pytest.raises(BackendError) as info:
+                    await call()
+                texts.append(_text_of(info.value))
+            health = await backend.health()
+        texts.append(str(health))
+        raw = ECHOES[form](key).decode()
+        assert fragments_of(key, raw), "the control: the server's body shows the key"
+    for text in texts:
+        assert not fragments_of(key, text), text
+        assert "***" in text or "Authentication" in text, text
+
+
+async def _drain(backend: Backend) -> list[Any]:
+    return [e async for e in backend.stream(GenerationRequest(prompt="hi", max_new_tokens=4))]
+
+
+def _key_answer(kind: str, key: str, *, stream: bool) -> Handler:
+    said = f"Sure. Your key is {key} and again {key[:-2]}! Done."
+    if not stream:
+        return reply(tgi_final(said) if kind == "tgi" else openai_answer(said))
+    pieces = [said[i : i + 3] for i in range(0, len(said), 3)]
+    if kind == "tgi":
+        return sse([tgi_token(p) for p in pieces] + [tgi_final(said)], space=False)
+    return sse([openai_chunk(p) for p in pieces] + [openai_chunk("", reason="stop"), "[DONE]"])
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_a_key_inside_a_completion_is_masked(make: Callable[[str, str], Backend]) -> None:
+    key = hostile_key(ascii_only=make is sdk_backend)
+    kind = "tgi" if make is tgi_backend else "openai"
+    async with Rogue() as server, make(server.url, key) as backend:
+        server.handler = _key_answer(kind, key, stream=False)
+        [plain] = await backend.generate(GenerationRequest(prompt="hi", max_new_tokens=40))
+        server.handler = _key_answer(kind, key, stream=True)
+        events = await _drain(backend)
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    final = events[-1]
+    assert isinstance(final, Completion)
+    for completion in (plain, final):
+        assert completion.text == "Sure. Your key is *** and again ***! Done."
+        assert not fragments_of(key, json.dumps(completion.to_dict()))
+    # the deltas add up to the masked text: no piece of the stream showed a part of the key
+    assert "".join(deltas) == final.text and len(deltas) > 1
+
+
+@pytest.mark.parametrize("form", ["slash", "prefix"])
+def test_check_never_prints_an_echoed_key(
+    form: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ensemble_async import cli
+
+    key = hostile_key()
+    monkeypatch.setenv(GOOD_ENV, key)
+    monkeypatch.setenv("COLUMNS", "250")
+
+    async def serve_and_check() -> int:
+        async with Rogue(echo(form)) as server:
+            server.get_handler = echo(form)
+            cfg = tmp_path / "cfg.toml"
+            cfg.write_text(
+                textwrap.dedent(
+                    f"""
+                    [run]
+                    output = "{tmp_path / "r.jsonl"}"
+                    [backends.t]
+                    kind = "tgi"
+                    url = "{server.url}"
+                    api_key_env = "{GOOD_ENV}"
+                    [backends.o]
+                    kind = "openai"
+                    url = "{server.url}"
+                    api_key_env = "{GOOD_ENV}"
+                    [roles]
+                    writer = "t"
+                    answerers = ["t", "o"]
+                    """
+                )
+            )
+            return await asyncio.to_thread(
+                cli.main, ["check", "--config", str(cfg), "--timeout", "5"]
+            )
+
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(serve_and_check())
+    finally:
+        loop.close()
+    out = capsys.readouterr()
+    assert code == cli.EXIT_BACKENDS_FAILED
+    text = out.out + out.err
+    assert "Authentication" in " ".join(text.split()) or "401" in text
+    assert not fragments_of(key, text), text
+
+
+def test_the_sdk_transport_refuses_a_key_it_cannot_send() -> None:
+    pytest.importorskip("openai")
+    with pytest.raises(ValueError, match="ASCII"):
+        OpenAIBackend("http://127.0.0.1:9", api_key=hostile_key(), transport="sdk")

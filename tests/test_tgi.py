@@ -16,7 +16,7 @@ from ensemble_async.backend import Backend
 from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.testing.faults import Fault, FaultKind, FaultPlan
 from ensemble_async.testing.tgi_double import VOCAB, TGIDouble
-from ensemble_async.types import ChatMessage, Completion, GenerationRequest, TextDelta
+from ensemble_async.types import Completion, GenerationRequest, TextDelta
 
 PROMPT = "Write a short poem about the sea"
 SECRET = "sk-very-secret-key-123"
@@ -139,13 +139,6 @@ async def test_n_failure_raises_backend_error_not_group(
     double.faults.push(Fault.status(503))
     with pytest.raises(errors.OverloadedError):
         await backend.generate(GenerationRequest(prompt=PROMPT, temperature=0.9, n=3))
-
-
-async def test_chat_request_is_refused(backend: TGIBackend, double: TGIDouble) -> None:
-    req = GenerationRequest(messages=(ChatMessage("user", "hi"),))
-    with pytest.raises(errors.BadRequestError, match="prompt"):
-        await backend.generate(req)
-    assert double.stats.requests == 0
 
 
 # -- answers ------------------------------------------------------------------------------
