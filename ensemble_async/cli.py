@@ -640,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--format", choices=("alpaca", "chat"), required=True)
     p_exp.add_argument("input", type=Path, help="records JSONL")
     p_exp.add_argument("output", type=Path, help="output file")
+    from .report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -663,6 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_consensus(args, err)
         if args.command == "export":
             return run_export(args, console)
+        if args.command == "report":
+            from .report import run_report
+
+            return run_report(args, console)
         specs = member_specs(args)
         return asyncio.run(_run_ask(args, console, specs))
     except OutputError as exc:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from .records import RecordFileError, read_records
 
-__all__ = ["ExportError", "export_alpaca", "export_chat"]
+__all__ = ["ExportError", "export_alpaca", "export_chat", "write_text_atomic"]
 
 
 class ExportError(Exception):
@@ -51,8 +51,8 @@ def _examples(records_path: Path) -> Iterator[tuple[str, str, str]]:
         raise ExportError(str(exc)) from exc
 
 
-def _atomic_write(out_path: Path, source: Path, fill: Callable[[TextIO], int]) -> int:
-    if out_path.resolve() == source.resolve():
+def _atomic_write(out_path: Path, source: Path | None, fill: Callable[[TextIO], int]) -> int:
+    if source is not None and out_path.resolve() == source.resolve():
         raise ExportError(f"refusing to export {source} onto itself")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +74,16 @@ def _atomic_write(out_path: Path, source: Path, fill: Callable[[TextIO], int]) -
             raise ExportError(f"cannot write {out_path}: {exc.strerror or exc}") from exc
         raise
     return written
+
+
+def write_text_atomic(out_path: str | Path, text: str) -> None:
+    """Replace ``out_path`` with ``text`` atomically (ExportError names the path on failure)."""
+
+    def fill(f: TextIO) -> int:
+        f.write(text)
+        return 1
+
+    _atomic_write(Path(out_path), None, fill)
 
 
 def export_alpaca(records_path: str | Path, out_path: str | Path) -> int:
