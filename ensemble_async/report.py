@@ -37,6 +37,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,79 +75,13 @@ REJECT_SAMPLE = 6
 NEAR_MISSES = 10
 LENGTH_CAP = 512
 WINDOW = 1_000
-STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "this",
-        "that",
-        "these",
-        "those",
-        "each",
-        "every",
-        "some",
-        "any",
-        "all",
-        "of",
-        "to",
-        "for",
-        "in",
-        "on",
-        "at",
-        "by",
-        "with",
-        "from",
-        "into",
-        "about",
-        "as",
-        "and",
-        "or",
-        "if",
-        "how",
-        "what",
-        "which",
-        "who",
-        "whom",
-        "whose",
-        "why",
-        "when",
-        "where",
-        "is",
-        "are",
-        "be",
-        "it",
-        "its",
-        "their",
-        "your",
-        "my",
-        "our",
-        "his",
-        "her",
-        "me",
-        "us",
-        "them",
-        "you",
-        "i",
-        "we",
-        "they",
-        "given",
-        "following",
-        "below",
-        "above",
-        "one",
-        "two",
-        "three",
-        "several",
-        "more",
-        "most",
-        "following",
-        "two",
-        "short",
-        "brief",
-        "new",
-    ]
+_FUNCTION_WORDS = (
+    "a an the this that these those each every some any all of to for in on at by with "
+    "from into about as and or if how what which who whom whose why when where is are be "
+    "it its their your my our his her me us them you i we they given following below "
+    "above one two three several more most short brief new"
 )
+STOPWORDS = frozenset(_FUNCTION_WORDS.split())
 _WORD = re.compile(r"[a-z][a-z'-]*")
 
 
@@ -256,13 +191,22 @@ class Reservoir:
         self.seen = 0
 
     def offer(self, item: Any) -> None:
+        slot = self.slot()
+        if slot is not None:
+            self.put(slot, item)
+
+    def slot(self) -> int | None:
+        """Count one more item; the slot it takes in the sample, or None when it is not kept
+        (so a caller builds the item only when it is kept)."""
         self.seen += 1
         if len(self.items) < self.k:
-            self.items.append(item)
-            return
+            self.items.append(None)
+            return len(self.items) - 1
         j = self.rng.randrange(self.seen)
-        if j < self.k:
-            self.items[j] = item
+        return j if j < self.k else None
+
+    def put(self, slot: int, item: Any) -> None:
+        self.items[slot] = item
 
 
 # -- the files of a run ---------------------------------------------------------------
@@ -368,13 +312,16 @@ class _Member:
 
 
 _TS_KEYS = ("finished_at", "timestamp", "ts", "created_at", "time")
+_TS_KEYS_SET = frozenset((*_TS_KEYS, "timestamps"))
 
 
 def _timestamp(record: dict[str, Any]) -> float | None:
     """A record's finish time in seconds (epoch or ISO 8601), when it carries one."""
-    from datetime import datetime
-
     prov = record.get("provenance")
+    if not _TS_KEYS_SET.intersection(record) and not (
+        isinstance(prov, dict) and _TS_KEYS_SET.intersection(prov)
+    ):
+        return None
     places = [record]
     if isinstance(prov, dict):
         places.append(prov)
@@ -453,7 +400,9 @@ class ReportBuilder:
         if isinstance(instruction, str):
             self._diversity(kind, instruction, prov)
         self._decision(record, prov, kept=True)
-        self.record_sample.offer(_brief(record))
+        slot = self.record_sample.slot()
+        if slot is not None:
+            self.record_sample.put(slot, _brief(record))
         ts = _timestamp(record)
         if ts is not None:
             if self._t0 is None:
@@ -471,7 +420,9 @@ class ReportBuilder:
             self.consensus_rejects += 1
             if isinstance(prov, dict):
                 self._decision(reject, prov, kept=False)
-                self.reject_sample.offer(_brief(reject))
+                slot = self.reject_sample.slot()
+                if slot is not None:
+                    self.reject_sample.put(slot, _brief(reject))
 
     def _diversity(self, kind: str, instruction: str, prov: dict[str, Any]) -> None:
         score = _num(prov.get("novelty_max_rouge"))
@@ -511,11 +462,10 @@ class ReportBuilder:
             self.thresholds[threshold] += 1
         if not kept and low is not None:
             self._seq += 1
-            item = (low, -self._seq, _brief(record))
             if len(self._near) < NEAR_MISSES:
-                heapq.heappush(self._near, item)
-            elif item[:2] > self._near[0][:2]:
-                heapq.heapreplace(self._near, item)
+                heapq.heappush(self._near, (low, -self._seq, _brief(record)))
+            elif (low, -self._seq) > self._near[0][:2]:
+                heapq.heapreplace(self._near, (low, -self._seq, _brief(record)))
         candidates = prov.get("candidates")
         if not isinstance(candidates, list):
             return
@@ -996,13 +946,13 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
                 raise ReportError(f"--seeds {args.seeds}: {exc}") from exc
         report = build_report(files, seeds=seeds, prices=dict(args.price))
     except ReportError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     out = args.out if args.out is not None else files.records.parent
     try:
         html_path, json_path = write_report(report, out)
     except ReportError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_OUTPUT
     funnel = report["funnel"]
     console.print(
