@@ -266,8 +266,11 @@ def _members(report: dict[str, Any]) -> str:
     ]
     if len(m["labels"]) > 1:
         out.append('<div class="grid">')
+        out.append("<div><h3>Exact agreement rate</h3>")
         out.append(heatmap(m["labels"], m["exact_agreement"], title="exact agreement rate"))
+        out.append("</div><div><h3>Mean pairwise ROUGE-L</h3>")
         out.append(heatmap(m["labels"], m["mean_rouge_l"], title="mean pairwise ROUGE-L"))
+        out.append("</div>")
         out.append("</div>")
         out.append(
             f'<p class="note">Left: share of decisions where both gave the same text after '

@@ -316,3 +316,88 @@ def test_find_run_files(tmp_path: Path, run_dir: Path) -> None:
         (entry["prompt_tokens"] * 1.0 + entry["completion_tokens"] * 2.0) / 1e6
     )
     assert entry["cost_usd"] > 0
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "report.png"
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("no chromium executable on PATH (Debian: apt-get install -y chromium)")
+
+
+def test_report_renders_in_a_real_browser(
+    run_dir: Path, report: dict[str, Any], tmp_path: Path
+) -> None:
+    """Headless Chromium opens report.html from a file:// URL: every chart has a size and
+    drawn marks, nothing is fetched, no console error.  The screenshot goes to tmp_path, and
+    to docs/img/report.png when ENSEMBLE_ASYNC_UPDATE_SCREENSHOT=1."""
+    import os
+
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    page_url = (run_dir / "report.html").as_uri()
+    errors: list[str] = []
+    fetched: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=executable,
+            args=CHROMIUM_FLAGS,  # playwright gives each launch a fresh, empty profile
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 1300})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            def route(r: Any) -> None:
+                if not r.request.url.startswith("file://"):
+                    fetched.append(r.request.url)
+                    r.abort()
+                else:
+                    r.continue_()
+
+            page.route("**/*", route)
+            page.goto(page_url)
+            charts = page.evaluate(
+                """() => [...document.querySelectorAll('svg.chart')].map(s => {
+                    const box = s.getBoundingClientRect();
+                    const marks = [...s.querySelectorAll('rect')].filter(r => {
+                        const b = r.getBoundingClientRect(); return b.width > 0 && b.height > 0;
+                    }).length;
+                    return {w: box.width, h: box.height, marks: marks,
+                            title: s.querySelector('title')?.textContent};
+                })"""
+            )
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert errors == [] and fetched == []
+    assert len(charts) >= 8
+    for chart in charts:
+        assert chart["w"] > 100 and chart["h"] > 20, chart
+    titles = {c["title"]: c["marks"] for c in charts}
+    assert titles["funnel"] == len(report["funnel"])
+    assert titles["exact agreement rate"] == len(report["members"]["labels"]) ** 2
+    assert titles["reject reasons"] == len(report["rejects"])
+    assert titles["records per second"] > 0
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    if os.environ.get("ENSEMBLE_ASYNC_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCREENSHOT.write_bytes(data)
