@@ -591,6 +591,7 @@ class ReportBuilder:
             "near_misses": [item for _, _, item in sorted(self._near, reverse=True)],
             "methods": METHODS,
         }
+        report["run_backends"] = _run_backends(self.log_start, summary)
         if summary is not None:
             report["summary"] = {
                 k: v for k, v in summary.items() if isinstance(v, str | int | float | bool)
@@ -786,6 +787,19 @@ def _backend_entries(source: dict[str, Any] | None) -> list[dict[str, Any]]:
         value = source.get(key)
         if isinstance(value, list):
             return [v for v in value if isinstance(v, dict) and isinstance(v.get("name"), str)]
+    return []
+
+
+def _run_backends(*sources: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Name, kind, model and licence of each configured backend (no URL: it may hold
+    credentials), from the log's start line or summary.json."""
+    for source in sources:
+        entries = _backend_entries(source)
+        if entries:
+            return [
+                {k: e.get(k) for k in ("name", "kind", "model", "license") if e.get(k) is not None}
+                for e in entries
+            ]
     return []
 
 
