@@ -129,20 +129,34 @@ def dataset_card(
             "`rejects`: `id`, `stage`, `reason`, `type`, `instruction`, `input`, `text`, "
             "`detail` (JSON: everything else, the candidates of a consensus reject included)."
         )
-    load = f'load_dataset("{repo}")' if repo else 'load_from_disk("path/to/this/folder")'
-    fn = "load_dataset" if repo else "load_from_disk"
-    lines += [
-        "",
-        "## Load it",
-        "",
-        "```python",
-        f"from datasets import {fn}",
-        "",
-        f"ds = {load}",
-        'print(ds["train"][0]["messages"])',
-        "```",
-        "",
-    ]
+    lines += ["", "## Load it", ""]
+    if repo and "rejects" in counts:
+        lines += [
+            "On the Hub the records are config `default` and the rejects config `rejects` "
+            "(a config holds one set of columns); each has one split, `train`.",
+            "",
+        ]
+    lines.append("```python")
+    if repo:
+        lines += [
+            "from datasets import load_dataset",
+            "",
+            f'train = load_dataset("{repo}", split="train")',
+            *(
+                [f'rejects = load_dataset("{repo}", "rejects", split="train")']
+                if "rejects" in counts
+                else []
+            ),
+            'print(train[0]["messages"])',
+        ]
+    else:
+        lines += [
+            "from datasets import load_from_disk",
+            "",
+            'ds = load_from_disk("path/to/this/folder")',
+            'print(ds["train"][0]["messages"])',
+        ]
+    lines += ["```", ""]
     return "\n".join(lines)
 
 

@@ -488,7 +488,9 @@ def _swap_in(staged: Path, out: Path) -> None:
 def push_to_hub(out_dir: str | Path, repo: str, *, token: str, private: bool = False) -> str:
     """Upload a dataset saved by :func:`export_hf` with ``datasets``' own ``push_to_hub``
     (the Hub's address comes from ``HF_ENDPOINT``); its README.md goes up first so the
-    dataset card carries ``datasets``' metadata merged into ours.  Returns the repo id.
+    dataset card carries ``datasets``' metadata merged into ours.  The records are config
+    ``default`` (split ``train``), the rejects config ``rejects`` (split ``train``): a
+    Hub config holds one set of columns.  Returns the repo id.
     Errors never carry the token."""
     import datasets
     from huggingface_hub import HfApi
@@ -507,7 +509,12 @@ def push_to_hub(out_dir: str | Path, repo: str, *, token: str, private: bool = F
                 commit_message="Dataset card (ensemble-async)",
             )
         dd = datasets.load_from_disk(str(folder))
-        dd.push_to_hub(repo, token=token, private=private)
+        # One Hub config per column set: records in "default", rejects in "rejects".
+        dd["train"].push_to_hub(repo, split="train", token=token, private=private)
+        if "rejects" in dd:
+            dd["rejects"].push_to_hub(
+                repo, config_name="rejects", split="train", token=token, private=private
+            )
     except Exception as exc:
         message = str(exc).replace(token, "***") if token else str(exc)
         raise ExportError(f"push to {repo} failed: {type(exc).__name__}: {message}") from None
