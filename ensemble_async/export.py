@@ -225,6 +225,7 @@ PROVENANCE_COLUMNS: dict[str, type] = {
     "instruction_index": int,
     "novelty_max_rouge": float,
 }
+_ABSENT = "_absent_keys"
 REJECT_COLUMNS = ("id", "stage", "reason", "type", "instruction", "input", "text")
 _BATCH = 5_000
 
@@ -257,6 +258,8 @@ def train_row(
     for key in ("type", "input"):
         if key in record and record[key] != row[key]:
             extra[key] = record[key]  # e.g. an input of null, exported as ""
+    if "input" not in record:
+        extra[_ABSENT] = ["input"]  # exported as "", given back absent
     prov = record.get("provenance")
     if "provenance" in record and not isinstance(prov, dict):
         extra["provenance"] = prov
@@ -299,6 +302,8 @@ def record_from_row(row: dict[str, Any]) -> dict[str, Any]:
         record["provenance"] = prov
     if row.get("extra") is not None:
         record.update(json.loads(row["extra"]))
+        for key in record.pop(_ABSENT, []):
+            record.pop(key, None)
     return record
 
 
@@ -497,7 +502,7 @@ def push_to_hub(out_dir: str | Path, repo: str, *, token: str, private: bool = F
 
     folder = Path(out_dir)
     try:
-        api = HfApi(token=token)
+        api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
         api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
         card = folder / "README.md"
         if card.is_file():
