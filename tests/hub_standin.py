@@ -116,9 +116,10 @@ class HubStandIn:
         if parts[:1] == ["datasets"] and len(parts) >= 5 and parts[3] == "resolve":
             repo = f"{parts[1]}/{parts[2]}"
             file_path = "/".join(parts[5:])
-            data = self.repos.get(repo, {}).get(file_path)
-            if data is None:
+            found = self.repos.get(repo, {}).get(file_path)
+            if found is None:
                 return self._missing("EntryNotFound")
+            data = found
             etag = hashlib.sha1(data).hexdigest()
             headers = {"ETag": f'"{etag}"', "X-Repo-Commit": self._sha(repo)}
             if method == "HEAD":

@@ -153,7 +153,7 @@ def test_card_licences(run: Path, tmp_path: Path, hf_env: Path) -> None:
 def test_licences_of_the_embedded_models_and_of_the_log() -> None:
     from ensemble_async.card import member_licenses
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"member": m, "models": []}
         for m in ("smollm2-135m-instruct (step 2)", "gemma3-270m", "remote")
     ]
