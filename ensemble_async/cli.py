@@ -14,6 +14,8 @@ Subcommands:
 * ``export --format alpaca|chat|messages|prompt-completion|parquet|hf IN OUT``: records
   to training formats or a Hub-ready dataset (``ensemble_async.export``);
 * ``report OUTPUT``: report.html and report.json about a run (``ensemble_async.report``);
+* ``show RECORDS [-n N] [--rejects] [--seed S]``: records with their candidates and
+  decision (``ensemble_async.show``);
 * ``backends``: the registered backend kinds.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
@@ -623,9 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export import add_export_parser
     from .report import add_report_parser
+    from .show import add_show_parser
 
     add_export_parser(sub)
     add_report_parser(sub)
+    add_show_parser(sub)
     return parser
 
 
@@ -655,6 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report import run_report
 
             return run_report(args, console)
+        if args.command == "show":
+            from .show import run_show
+
+            return run_show(args, console)
         specs = member_specs(args)
         return asyncio.run(_run_ask(args, console, specs))
     except OutputError as exc:
