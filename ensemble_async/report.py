@@ -29,6 +29,7 @@ Methods, as the report states them:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import json
 import math
@@ -103,11 +104,12 @@ class Histogram:
         self.total = 0.0
         self.min = math.inf
         self.max = -math.inf
+        self._scale = bins / (hi - lo)
+        self._last = bins - 1
 
     def add(self, value: float) -> None:
-        width = (self.hi - self.lo) / self.bins
-        i = int((value - self.lo) / width)
-        self.counts[min(max(i, 0), self.bins - 1)] += 1
+        i = int((value - self.lo) * self._scale)
+        self.counts[i if 0 <= i <= self._last else (0 if i < 0 else self._last)] += 1
         self.n += 1
         self.total += value
         self.min = min(self.min, value)
@@ -182,18 +184,28 @@ class BoundedCounter:
 
 
 class Reservoir:
-    """A uniform sample of at most ``k`` items from a stream (algorithm R)."""
+    """A uniform sample of at most ``k`` items from a stream (Li's algorithm L: once the
+    sample is full, the position of the next kept item is drawn directly, so items that
+    are skipped cost one comparison)."""
 
     def __init__(self, k: int, rng: random.Random) -> None:
         self.k = k
         self.rng = rng
         self.items: list[Any] = []
         self.seen = 0
+        self._w = 1.0
+        self._next = k
 
     def offer(self, item: Any) -> None:
         slot = self.slot()
         if slot is not None:
             self.put(slot, item)
+
+    def _draw(self) -> None:
+        rng = self.rng
+        self._w *= math.exp(math.log(1.0 - rng.random()) / self.k)
+        gap = math.log(1.0 - rng.random()) / math.log1p(-self._w) if self._w < 1.0 else 0.0
+        self._next += int(gap) + 1
 
     def slot(self) -> int | None:
         """Count one more item; the slot it takes in the sample, or None when it is not kept
@@ -201,9 +213,13 @@ class Reservoir:
         self.seen += 1
         if len(self.items) < self.k:
             self.items.append(None)
+            if len(self.items) == self.k:
+                self._draw()
             return len(self.items) - 1
-        j = self.rng.randrange(self.seen)
-        return j if j < self.k else None
+        if self.seen < self._next:
+            return None
+        self._draw()
+        return self.rng.randrange(self.k)
 
     def put(self, slot: int, item: Any) -> None:
         self.items[slot] = item
@@ -742,7 +758,24 @@ def _meaning(name: str) -> str | None:
     return None if meaning is None else meaning.text
 
 
+_SLOTS: dict[tuple[Any, Any, Any], tuple[str, int]] = {}
+
+
 def _slot(c: dict[str, Any]) -> tuple[str, int]:
+    """The member label and position of a candidate (memoised: few distinct slots)."""
+    key = (c.get("index"), c.get("source"), c.get("prompt_style"))
+    try:
+        return _SLOTS[key]
+    except (KeyError, TypeError):
+        pass
+    found = _slot_of(c)
+    if len(_SLOTS) < 10_000:
+        with contextlib.suppress(TypeError):
+            _SLOTS[key] = found
+    return found
+
+
+def _slot_of(c: dict[str, Any]) -> tuple[str, int]:
     index = c.get("index")
     index = index if isinstance(index, int) and not isinstance(index, bool) else 99
     source = str(c.get("source") or f"candidate-{index}")

@@ -401,3 +401,18 @@ def test_report_renders_in_a_real_browser(
     if os.environ.get("ENSEMBLE_ASYNC_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         SCREENSHOT.write_bytes(data)
+
+
+def test_reservoir_sample_is_uniform() -> None:
+    from ensemble_async.report import Reservoir
+
+    counts = [0] * 10
+    for seed in range(1000):
+        sample = Reservoir(5, random.Random(seed))
+        for i in range(1000):
+            sample.offer(i)
+        assert len(sample.items) == 5 == len(set(sample.items))
+        for x in sample.items:
+            counts[x // 100] += 1
+    assert sample.seen == 1000
+    assert all(400 < c < 600 for c in counts), counts  # 500 expected per tenth
