@@ -1006,5 +1006,6 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
         f"{funnel[-1]['count']} records of {funnel[0]['count']} attempts -> {html_path}, "
         f"{json_path}",
         highlight=False,
+        soft_wrap=True,
     )
     return EXIT_OK

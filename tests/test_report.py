@@ -416,3 +416,12 @@ def test_reservoir_sample_is_uniform() -> None:
             counts[x // 100] += 1
     assert sample.seen == 1000
     assert all(400 < c < 600 for c in counts), counts  # 500 expected per tenth
+
+
+def test_an_empty_run_gives_an_empty_report(tmp_path: Path) -> None:
+    (tmp_path / "records.jsonl").write_text("")
+    assert cli.main(["report", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [f["count"] for f in data["funnel"]] == [0, 0, 0, 0, 0]
+    assert data["rejects"] == [] and data["members"]["rows"] == []
+    assert "0 records kept of 0" in (tmp_path / "report.html").read_text()
