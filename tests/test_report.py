@@ -404,7 +404,7 @@ def test_report_renders_in_a_real_browser(
 
 
 def test_reservoir_sample_is_uniform() -> None:
-    from ensemble_async.report import Reservoir
+    from ensemble_async.sketches import Reservoir
 
     counts = [0] * 10
     for seed in range(1000):
