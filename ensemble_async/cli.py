@@ -11,7 +11,11 @@ Subcommands:
   a 1-token request);
 * ``consensus IN.jsonl [--out OUT.jsonl] [--threshold T]``: re-run step 5 on lines
   that carry ``candidates``;
-* ``export --format alpaca|chat IN OUT``: records to training formats;
+* ``export --format alpaca|chat|messages|prompt-completion|parquet|hf IN OUT``: records
+  to training formats or a Hub-ready dataset (``ensemble_async.export``);
+* ``report OUTPUT``: report.html and report.json about a run (``ensemble_async.report``);
+* ``show RECORDS [-n N] [--rejects] [--seed S]``: records with their candidates and
+  decision (``ensemble_async.show``);
 * ``backends``: the registered backend kinds.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
@@ -560,23 +564,6 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-# --------------------------------------------------------------------------- export
-
-
-def run_export(args: argparse.Namespace, console: Console) -> int:
-    from .export import ExportError, export_alpaca, export_chat
-
-    if not args.input.is_file():
-        raise UsageError(f"{args.input}: file not found")
-    run = export_alpaca if args.format == "alpaca" else export_chat
-    try:
-        count = run(args.input, args.output)
-    except ExportError as exc:
-        raise UsageError(str(exc)) from None
-    console.print(f"{count} examples -> {args.output} ({args.format})", highlight=False)
-    return EXIT_OK
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble_async",
@@ -637,10 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cons.add_argument("--out", type=Path, help="output JSONL (default: stdout)")
     p_cons.add_argument("--threshold", type=float, default=0.01, help="tau (default 0.01)")
 
-    p_exp = sub.add_parser("export", help="export records to Alpaca JSON or chat JSONL")
-    p_exp.add_argument("--format", choices=("alpaca", "chat"), required=True)
-    p_exp.add_argument("input", type=Path, help="records JSONL")
-    p_exp.add_argument("output", type=Path, help="output file")
+    from .export import add_export_parser
+    from .report import add_report_parser
+    from .show import add_show_parser
+
+    add_export_parser(sub)
+    add_report_parser(sub)
+    add_show_parser(sub)
     return parser
 
 
@@ -663,7 +653,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "consensus":
             return run_consensus(args, err)
         if args.command == "export":
+            from .export import run_export
+
             return run_export(args, console)
+        if args.command == "report":
+            from .report import run_report
+
+            return run_report(args, console)
+        if args.command == "show":
+            from .show import run_show
+
+            return run_show(args, console)
         specs = member_specs(args)
         return asyncio.run(_run_ask(args, console, specs))
     except OutputError as exc:
