@@ -680,6 +680,11 @@ def open_pair(path: Path, rejects_path: Path) -> tuple[RecordFile, RecordFile]:
     """The records and rejects files, opened (blocking), refused when they are one."""
     if rejects_path.resolve() == path.resolve():
         raise NotARecordsFileError(f"records and rejects must be two files, both are {path}")
+    with contextlib.suppress(OSError):  # one file under two names (a hard link)
+        if os.path.samefile(path, rejects_path):
+            raise NotARecordsFileError(
+                f"records and rejects must be two files: {path} and {rejects_path} are the same"
+            )
     records = RecordFile(path)
     try:
         rejects = RecordFile(rejects_path)
