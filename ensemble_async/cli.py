@@ -327,6 +327,7 @@ async def generate(
                 async with progress:
                     for member in members:
                         await member.start()
+                    fingerprint = await _check_manifest(config, settings, seeds, members)
                     pipeline = Pipeline(
                         writer=writer,
                         answerers=answerers,
@@ -336,6 +337,7 @@ async def generate(
                         events=progress,
                         writer_answers=_writer_answers(config),
                         served_by=_served_by(config),
+                        fingerprint=fingerprint,
                     )
                     summary = await pipeline.run()
             except asyncio.CancelledError:
@@ -356,6 +358,54 @@ async def generate(
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _check_manifest(
+    config: Config, settings: Any, seeds: Sequence[Any], members: Sequence[Member]
+) -> str:
+    """Build the run manifest, compare it with the one beside the records (write it when
+    there is none); a different definition is a usage error naming each changed field."""
+    from . import __version__
+    from .manifest import (
+        ManifestError,
+        check_manifest,
+        manifest_path,
+        run_manifest,
+        seed_tasks_digest,
+        templates_digest,
+    )
+
+    async def served_model(member: Member) -> str | None:
+        try:
+            async with asyncio.timeout(member.timeout_s):
+                return (await member.backend.info()).model
+        except (BackendError, TimeoutError):
+            return None
+
+    models = await asyncio.gather(*(served_model(m) for m in members))
+    manifest = run_manifest(
+        preset=settings.name,
+        seed=settings.seed,
+        settings=settings.identity(),
+        seed_tasks_sha256=seed_tasks_digest(seeds),
+        templates_sha256=templates_digest(),
+        members={
+            m.name: {"kind": config.backends[m.name].kind, "model": model}
+            for m, model in zip(members, models, strict=True)
+        },
+        roles={"writer": config.roles.writer, "answerers": list(config.roles.answerers)},
+        selection={
+            "consensus_complete": settings.consensus_complete,
+            "writer_answers": _writer_answers(config),
+        },
+        library_version=__version__,
+    )
+    path = manifest_path(config.run.output)
+    try:
+        await asyncio.to_thread(check_manifest, path, manifest)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    return str(manifest["fingerprint"])
 
 
 def _writer_answers(config: Config) -> Any:
