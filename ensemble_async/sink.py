@@ -252,6 +252,7 @@ class AsyncRecordWriter:
                 done.set_result(True)
             else:
                 done.set_exception(error)
+                done.exception()  # whoever awaits it still gets the error; no one else logs it
 
     # -- files beside the records ----------------------------------------------------------------
 

@@ -122,6 +122,7 @@ async def pipeline_run(
             seeds=load_seed_tasks(),
             settings=PipelineSettings.preset("default", **overrides),
             sink=sink,
+            clock=lambda: "2026-01-01T00:00:00Z",
         )
         summary = await pipeline.run()
         yield pipeline, Doubles(w, t, b), summary
