@@ -44,7 +44,7 @@ from .records import (
     write_atomic,
 )
 
-__all__ = ["AsyncRecordWriter", "deferred_path", "summary_path"]
+__all__ = ["AsyncRecordWriter", "MemoryRecordSink", "deferred_path", "summary_path"]
 
 _BATCH = 1024
 """Most lines one group commit takes."""
@@ -305,3 +305,51 @@ class AsyncRecordWriter:
 def _resolve(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
+
+
+class MemoryRecordSink:
+    """The same interface in memory (no files): for benchmarks, and for runs whose
+    caller keeps the records itself.  ``records``/``rejects`` hold what was accepted,
+    in order; ``offered`` counts every submission, duplicates included."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.rejects: list[Reject] = []
+        self.deferred: list[Deferred] = []
+        self.summary: dict[str, Any] = {}
+        self.offered = 0
+        self.duplicates = 0
+        self._ids: set[str] = set()
+        self._reject_ids: set[str] = set()
+        self._slots: dict[Slot, Literal["record", "reject"]] = {}
+
+    def has(self, record_id: str) -> bool:
+        return record_id in self._ids
+
+    def decided(self, slot: Slot) -> Literal["record", "reject"] | None:
+        return self._slots.get(slot)
+
+    async def submit(self, entry: Record | Reject) -> asyncio.Future[bool]:
+        self.offered += 1
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        ids = self._ids if isinstance(entry, Record) else self._reject_ids
+        if entry.id in ids:
+            self.duplicates += 1
+            done.set_result(False)
+            return done
+        ids.add(entry.id)
+        if isinstance(entry, Record):
+            self.records.append(entry)
+            self._slots[entry.slot] = "record"
+        else:
+            self.rejects.append(entry)
+            if entry.slot is not None:
+                self._slots[entry.slot] = "reject"
+        done.set_result(True)
+        return done
+
+    async def write_deferred(self, items: Sequence[Deferred]) -> None:
+        self.deferred = list(items)
+
+    async def write_summary(self, summary: Mapping[str, Any]) -> None:
+        self.summary = dict(summary)
