@@ -26,9 +26,9 @@ requests and the same records, whatever the timing:
   the item's position (so a response cache keys every call apart);
 * the committer writes outcomes in a fixed order (the ``k``-th accepted instruction of
   each kind, kinds alternating), holding back those that finish early.  What it holds
-  is bounded: an instruction enters step 2 only when its position is within
-  ``queue_size // 2`` of the first undecided one of every kind, so a stalled kind
-  makes the other wait instead of piling up outcomes.  Step-1 rejects are written as
+  is bounded: at most ``queue_size`` instructions are past step 1 and not yet written
+  (plus the one whose turn it is, always let in), so a stalled kind makes the other
+  wait instead of piling up outcomes.  Step-1 rejects are written as
   they are committed (each kind in attempt order).
 
 Slots and resume.  The ``k``-th accepted instruction of a kind is an *instruction
@@ -72,7 +72,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -300,15 +299,17 @@ _Outcome: TypeAlias = Record | Reject | Deferred | _Present
 class _Committer:
     """Hands outcomes to ``emit`` in the order (k, kind) whatever order they finish in.
 
-    ``admit`` keeps what is held bounded: the ``k``-th instruction of a kind enters step
-    2 only once ``k`` is within ``room`` of the next position of every kind still open,
-    so at most ``room`` outcomes per kind can finish ahead of their turn."""
+    ``admit`` keeps what is held bounded: at most ``room`` instructions are between
+    step 2 and their turn at once (in a stage, in a queue, or finished and waiting),
+    except the one whose turn it is, which is always let in -- so a stalled kind makes
+    the other wait instead of piling up outcomes, and can never be starved itself."""
 
     def __init__(self, room: int) -> None:
         self._room = room
         self._pending: dict[tuple[int, TaskKind], _Outcome] = {}
         self._next: dict[TaskKind, int] = dict.fromkeys(KINDS, 0)
         self._total: dict[TaskKind, int | None] = dict.fromkeys(KINDS, None)
+        self._outstanding = 0
         self._changed = asyncio.Condition()
         self.most_held = 0
 
@@ -316,13 +317,13 @@ class _Committer:
         total = self._total[kind]
         return total is None or self._next[kind] < total
 
-    def _floor(self) -> float:
-        return min((self._next[k] for k in KINDS if self._open(k)), default=math.inf)
-
-    async def admit(self, index: int) -> None:
-        """Wait until position ``index`` is within the bound."""
+    async def admit(self, kind: TaskKind, index: int) -> None:
+        """Wait until the instruction at (``index``, ``kind``) may enter step 2."""
         async with self._changed:
-            await self._changed.wait_for(lambda: index < self._floor() + self._room)
+            await self._changed.wait_for(
+                lambda: self._outstanding < self._room or self._due() == (index, kind)
+            )
+            self._outstanding += 1
 
     async def offer(self, kind: TaskKind, index: int, outcome: _Outcome) -> None:
         async with self._changed:
@@ -354,6 +355,7 @@ class _Committer:
                     return
                 outcome = self._pending.pop(due)
                 self._next[due[1]] += 1
+                self._outstanding -= 1
                 self._changed.notify_all()
             await emit(due[1], outcome)
 
@@ -446,7 +448,7 @@ class Pipeline:
             self.ensemble = None
         self.summary = PipelineSummary()
         self.deferred: list[Deferred] = []
-        self._committer = _Committer(max(1, s.queue_size // len(KINDS)))
+        self._committer = _Committer(s.queue_size)
         self._acks: asyncio.Queue[_Ack] = asyncio.Queue(s.queue_size)
 
     # -- events and output ----------------------------------------------------------------
@@ -617,7 +619,7 @@ class Pipeline:
                 item = await self._commit_instruction(kind, committed, result, novelty, accepted)
                 committed += 1
                 if item is not None:
-                    await self._committer.admit(item.index)
+                    await self._committer.admit(kind, item.index)
                     await out.put(item)
         finally:
             for task in in_flight.values():
