@@ -246,8 +246,8 @@ class PipelineSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "counts": {s: dict(c) for s, c in self.counts.items()},
-            "reasons": {s: dict(c) for s, c in self.reasons.items()},
+            "counts": {stage: dict(c) for stage, c in self.counts.items()},
+            "reasons": {stage: dict(c) for stage, c in self.reasons.items()},
             "attempts": dict(self.attempts),
             "accepted_instructions": dict(self.accepted_instructions),
             "exhausted": dict(self.exhausted),
@@ -432,24 +432,23 @@ class Pipeline:
         for kind in KINDS:
             if settings.target(kind) > 0 and not self.seeds[kind]:
                 raise ValueError(f"no seed tasks of kind {kind!r} but its target is > 0")
-        s = settings
         if self.answerers:
-            complete = s.consensus_complete
+            complete = settings.consensus_complete
             self.ensemble: Ensemble | None = Ensemble(
                 self.answerers,
-                policy="deadline" if complete else s.consensus_policy,
-                threshold=s.consensus_threshold,
-                deadline_s=s.consensus_deadline_s
-                if complete or s.consensus_policy == "deadline"
+                policy="deadline" if complete else settings.consensus_policy,
+                threshold=settings.consensus_threshold,
+                deadline_s=settings.consensus_deadline_s
+                if complete or settings.consensus_policy == "deadline"
                 else None,
-                max_items_in_flight=s.answer_concurrency,
+                max_items_in_flight=settings.answer_concurrency,
             )
         else:
             self.ensemble = None
         self.summary = PipelineSummary()
         self.deferred: list[Deferred] = []
-        self._committer = _Committer(s.queue_size)
-        self._acks: asyncio.Queue[_Ack] = asyncio.Queue(s.queue_size)
+        self._committer = _Committer(settings.queue_size)
+        self._acks: asyncio.Queue[_Ack] = asyncio.Queue(settings.queue_size)
 
     # -- events and output ----------------------------------------------------------------
 
@@ -511,32 +510,34 @@ class Pipeline:
         """Run every stage to the end; write the deferred list and the summary beside
         the records; return the summary."""
         started = time.perf_counter()
-        s = self.settings
+        settings = self.settings
         self.summary.deferred_before = len(getattr(self.sink, "previous_deferred", ()))
-        accepted_instructions: asyncio.Queue[_Instruction | None] = asyncio.Queue(s.queue_size)
-        parsed_instances: asyncio.Queue[_Instance | None] = asyncio.Queue(s.queue_size)
+        accepted_instructions: asyncio.Queue[_Instruction | None] = asyncio.Queue(
+            settings.queue_size
+        )
+        parsed_instances: asyncio.Queue[_Instance | None] = asyncio.Queue(settings.queue_size)
         for stage in STAGES:
-            self._event(stage, "started", targets=dict(s.targets))
+            self._event(stage, "started", targets=dict(settings.targets))
 
         async def instructions() -> None:
             async with asyncio.TaskGroup() as tg:
                 for kind in KINDS:
                     tg.create_task(self._instructions(kind, accepted_instructions))
-            for _ in range(s.instance_concurrency):
+            for _ in range(settings.instance_concurrency):
                 await accepted_instructions.put(None)
             self._event("instructions", "done", **self.summary.accepted_instructions)
 
         async def instances() -> None:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(s.instance_concurrency):
+                for _ in range(settings.instance_concurrency):
                     tg.create_task(self._instance_worker(accepted_instructions, parsed_instances))
-            for _ in range(s.answer_concurrency):
+            for _ in range(settings.answer_concurrency):
                 await parsed_instances.put(None)
             self._event("instances", "done")
 
         async def answers() -> None:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(s.answer_concurrency):
+                for _ in range(settings.answer_concurrency):
                     tg.create_task(self._answer_worker(parsed_instances))
             self._event("answers", "done")
 
@@ -560,10 +561,12 @@ class Pipeline:
     # -- step 1 ---------------------------------------------------------------------------
 
     def _demos(self, kind: TaskKind, attempt: int, generated: Sequence[str]) -> list[str]:
-        s = self.settings
-        rng = random.Random(f"{s.seed}:demos:{kind}:{attempt}")
-        total = s.demos.get(kind, 0)
-        picked = rng.sample(list(generated), min(s.max_generated_demos, len(generated), total))
+        settings = self.settings
+        rng = random.Random(f"{settings.seed}:demos:{kind}:{attempt}")
+        total = settings.demos.get(kind, 0)
+        picked = rng.sample(
+            list(generated), min(settings.max_generated_demos, len(generated), total)
+        )
         seeds = [t.instruction for t in self.seeds[kind]]
         picked += rng.sample(seeds, min(total - len(picked), len(seeds)))
         rng.shuffle(picked)
@@ -572,12 +575,12 @@ class Pipeline:
     async def _attempt(
         self, kind: TaskKind, attempt: int, generated: Sequence[str]
     ) -> Completion | BackendError:
-        s = self.settings
+        settings = self.settings
         prompt = build_instruction_prompt(
-            self._demos(kind, attempt, generated), drop_eos=not s.keep_eos
+            self._demos(kind, attempt, generated), drop_eos=not settings.keep_eos
         )
-        request = s.instruction_decoding.request(
-            prompt, seed=derive_seed(s.seed, "instruction", kind, attempt)
+        request = settings.instruction_decoding.request(
+            prompt, seed=derive_seed(settings.seed, "instruction", kind, attempt)
         )
         try:
             return (await self.writer.generate(request))[0]
@@ -585,12 +588,12 @@ class Pipeline:
             return exc
 
     async def _instructions(self, kind: TaskKind, out: asyncio.Queue[_Instruction | None]) -> None:
-        s = self.settings
-        target = s.target(kind)
-        max_attempts = s.max_attempts_factor * target
-        window = s.instruction_window
+        settings = self.settings
+        target = settings.target(kind)
+        max_attempts = settings.max_attempts_factor * target
+        window = settings.instruction_window
         novelty = NoveltyFilter(
-            (t.instruction for t in self.seeds[kind]), threshold=s.novelty_threshold
+            (t.instruction for t in self.seeds[kind]), threshold=settings.novelty_threshold
         )
         accepted: list[tuple[int, str]] = []
         in_flight: dict[int, asyncio.Task[Completion | BackendError]] = {}
@@ -611,7 +614,7 @@ class Pipeline:
                         stage="instructions",
                         type=kind,
                         reason=f"unavailable:{type(result).__name__}",
-                        seed=s.seed,
+                        seed=settings.seed,
                         attempt=committed,
                         members=(self.writer.name,),
                     )
@@ -644,29 +647,29 @@ class Pipeline:
         novelty: NoveltyFilter,
         accepted: list[tuple[int, str]],
     ) -> _Instruction | None:
-        s = self.settings
+        settings = self.settings
         base: dict[str, Any] = {
             "stage": "instructions",
             "type": kind,
             "attempt": attempt,
-            "seed": s.seed,
+            "seed": settings.seed,
         }
         if isinstance(result, BackendError):  # the request's own fault (a FatalError)
             reason = f"backend_error:{type(result).__name__}"
-            rid = _reject_id(s.seed, "instructions", kind, attempt, reason)
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, reason)
             await self._submit(Reject(id=rid, **base, reason=reason, error=str(result)))
             return None
         extracted = extract_instruction(
-            result.text, keep_eos=s.keep_eos, stopped=result.finish_reason == "stop"
+            result.text, keep_eos=settings.keep_eos, stopped=result.finish_reason == "stop"
         )
         if isinstance(extracted, Rejection):
-            rid = _reject_id(s.seed, "instructions", kind, attempt, result.text)
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, result.text)
             await self._submit(Reject(id=rid, **base, reason=extracted.reason, text=result.text))
             return None
         score = novelty.max_similarity(extracted)
-        if score > s.novelty_threshold:
+        if score > settings.novelty_threshold:
             similar = novelty.top_similar(extracted, 1)
-            rid = _reject_id(s.seed, "instructions", kind, attempt, extracted)
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, extracted)
             await self._submit(
                 Reject(
                     id=rid,
@@ -699,19 +702,19 @@ class Pipeline:
                 await self._committer.offer(item.kind, item.index, result)
 
     async def _instance(self, item: _Instruction) -> _Instance | _Outcome:
-        s = self.settings
-        decided = self.sink.decided((s.seed, item.kind, item.index))
+        settings = self.settings
+        decided = self.sink.decided((settings.seed, item.kind, item.index))
         if decided is not None:
             return _Present(None, decided)
         instruction = clean_instruction(item.stored)
-        prompt = build_instance_prompt(item.kind, item.stored, drop_eos=not s.keep_eos)
-        request = s.instance_decoding.request(
-            prompt, seed=derive_seed(s.seed, "instance", item.kind, item.index)
+        prompt = build_instance_prompt(item.kind, item.stored, drop_eos=not settings.keep_eos)
+        request = settings.instance_decoding.request(
+            prompt, seed=derive_seed(settings.seed, "instance", item.kind, item.index)
         )
         base: dict[str, Any] = {
             "stage": "instances",
             "type": item.kind,
-            "seed": s.seed,
+            "seed": settings.seed,
             "instruction_index": item.index,
             "instruction": instruction,
         }
@@ -724,21 +727,21 @@ class Pipeline:
                     stage="instances",
                     type=item.kind,
                     reason=f"unavailable:{type(exc).__name__}",
-                    seed=s.seed,
+                    seed=settings.seed,
                     instruction_index=item.index,
                     instruction=instruction,
                     members=(self.writer.name,),
                 )
-            rid = _reject_id(s.seed, "instances", item.kind, item.index, instruction)
+            rid = _reject_id(settings.seed, "instances", item.kind, item.index, instruction)
             return Reject(id=rid, **base, reason=reason, error=str(exc))
         parsed = parse_instance(
             item.kind,
             completion.text,
-            first_line_only=s.first_line_only,
-            reject_empty_input=s.reject_empty_input,
+            first_line_only=settings.first_line_only,
+            reject_empty_input=settings.reject_empty_input,
         )
         if isinstance(parsed, Rejection):
-            rid = _reject_id(s.seed, "instances", item.kind, item.index, completion.text)
+            rid = _reject_id(settings.seed, "instances", item.kind, item.index, completion.text)
             return Reject(id=rid, **base, reason=parsed.reason, text=completion.text)
         assert isinstance(parsed, ParsedInstance)
         self.summary.count("instances", "accepted")
@@ -788,9 +791,9 @@ class Pipeline:
 
     async def _writer_answer(self, request_prompt: str, seed: int) -> CandidateRecord:
         """The writer's own answer, for provenance only."""
-        s = self.settings
+        settings = self.settings
         style = _style(self.writer)
-        request = s.answer_decoding.request(request_prompt, seed=seed)
+        request = settings.answer_decoding.request(request_prompt, seed=seed)
         try:
             completion = (await self.writer.generate(request))[0]
         except BackendError as exc:
@@ -808,7 +811,7 @@ class Pipeline:
         )
 
     async def _answer(self, instance: _Instance) -> _Outcome:
-        s = self.settings
+        settings = self.settings
         kind, index = instance.item.kind, instance.item.index
         given = self._candidate(
             0,
@@ -818,7 +821,7 @@ class Pipeline:
             completion=instance.completion,
             style="instance",
         )
-        seed = derive_seed(s.seed, "answer", kind, index)
+        seed = derive_seed(settings.seed, "answer", kind, index)
         styles = set(self.prompt_styles) | (
             {_style(self.writer)} if self.writer_answers_too else set()
         )
@@ -834,13 +837,13 @@ class Pipeline:
         try:
             selection: Selection
             if self.ensemble is None:
-                selection = select([instance.output], threshold=s.consensus_threshold)
+                selection = select([instance.output], threshold=settings.consensus_threshold)
                 candidates = [given]
-                decision = {**selection.to_dict(), "policy": s.consensus_policy}
+                decision = {**selection.to_dict(), "policy": settings.consensus_policy}
                 missing: list[str] = []
             else:
                 requests = [
-                    s.answer_decoding.request(prompts[style], seed=seed)
+                    settings.answer_decoding.request(prompts[style], seed=seed)
                     for style in self.prompt_styles
                 ]
                 result = await self.ensemble.run(
@@ -854,8 +857,8 @@ class Pipeline:
                 selection = result.decision.selection
                 decision = {
                     **selection.to_dict(),
-                    "policy": s.consensus_policy,
-                    "complete": s.consensus_complete,
+                    "policy": settings.consensus_policy,
+                    "complete": settings.consensus_complete,
                 }
                 missing = [c.source for c in answered if _candidate_unavailable(c)]
                 self.summary.count("answers", "accepted")
@@ -870,7 +873,7 @@ class Pipeline:
                 stage="answers",
                 type=kind,
                 reason="unavailable:" + ",".join(missing),
-                seed=s.seed,
+                seed=settings.seed,
                 instruction_index=index,
                 instruction=instance.instruction,
                 members=tuple(missing),
@@ -882,8 +885,8 @@ class Pipeline:
             novelty_max_rouge=instance.item.novelty,
             candidates=tuple(candidates),
             decision=decision,
-            preset=s.name,
-            seed=s.seed,
+            preset=settings.name,
+            seed=settings.seed,
             writer_answer=own_answer,
             library_version=__version__,
             created_at=self.clock(),
