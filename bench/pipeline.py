@@ -9,6 +9,7 @@ Ensemble-Instruct completions (``EIResponder``). Two runs, side by side:
 
     python bench/pipeline.py                 # defaults: latency 20 ms, 60 + 40 instructions
     python bench/pipeline.py --latency 0.05 --io 100 --o 60
+    python bench/pipeline.py --disk          # into a records file, fsynced, as generate does
 
 ``--embedded`` runs the same comparison on the two embedded local models (the default
 config's roles: SmolLM2-135M-Instruct writes and answers, the Gemma-3-270M base model
@@ -30,6 +31,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -42,32 +44,24 @@ from ensemble_async.pipeline import Pipeline, PipelineSummary
 from ensemble_async.presets import PipelineSettings
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.seedtasks import load_seed_tasks
+from ensemble_async.sink import AsyncRecordWriter, MemoryRecordSink
 from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
 
 
-class MemorySink:
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.rejects = 0
-
-    def has(self, id: str) -> bool:
-        return id in self.ids
-
-    def write(self, record: dict[str, Any]) -> bool:
-        if record["id"] in self.ids:
-            return False
-        self.ids.add(record["id"])
-        return True
-
-    def reject(self, record: dict[str, Any]) -> bool:
-        self.rejects += 1
-        return True
-
-
-async def one_run(settings: PipelineSettings, latency: float) -> tuple[PipelineSummary, float]:
+async def one_run(
+    settings: PipelineSettings, latency: float, disk: bool = False
+) -> tuple[PipelineSummary, float]:
+    """One run; ``disk``: into a records file (fsynced, as ``generate`` writes) in a
+    temporary folder, else into memory."""
     async with AsyncExitStack() as stack:
+        sink: AsyncRecordWriter | MemoryRecordSink = MemoryRecordSink()
+        if disk:
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            sink = await stack.enter_async_context(
+                await AsyncRecordWriter.open(Path(folder) / "records.jsonl")
+            )
         w = await stack.enter_async_context(
             TGIDouble(responder=EIResponder("writer"), latency=latency)
         )
@@ -93,7 +87,7 @@ async def one_run(settings: PipelineSettings, latency: float) -> tuple[PipelineS
             answerers=answerers,
             seeds=load_seed_tasks(),
             settings=settings,
-            sink=MemorySink(),
+            sink=sink,
         )
         started = time.perf_counter()
         summary = await pipeline.run()
@@ -140,7 +134,7 @@ async def embedded_runs(
                 answerers=answerers,
                 seeds=load_seed_tasks(),
                 settings=settings,
-                sink=MemorySink(),
+                sink=MemoryRecordSink(),
             )
             started = time.perf_counter()
             summary = await pipeline.run()
@@ -178,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-baseline", action="store_true", help="embedded: skip the sequential run"
+    )
+    parser.add_argument(
+        "--disk",
+        action="store_true",
+        help="doubles: write a records file (fsynced, as generate does) instead of memory",
     )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {}
     for name, settings in runs.items():
-        summary, wall = asyncio.run(one_run(settings, args.latency))
+        summary, wall = asyncio.run(one_run(settings, args.latency, args.disk))
         kept = summary.records_written
         results[name] = {
             "records": kept,
@@ -239,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             "examples_per_min": round(kept / wall * 60, 1),
             "attempts": sum(summary.attempts.values()),
         }
-    print(f"latency {args.latency * 1000:.0f} ms/request, targets {targets}, preset {args.preset}")
+    sink = "records file (fsync)" if args.disk else "memory"
+    print(
+        f"latency {args.latency * 1000:.0f} ms/request, targets {targets}, "
+        f"preset {args.preset}, sink {sink}"
+    )
     print(f"{'run':<12}{'records':>9}{'wall s':>9}{'ex/min':>10}{'step-1 tries':>14}")
     for name, r in results.items():
         print(

@@ -35,6 +35,7 @@ from ensemble_async.pipeline import Pipeline, PipelineSummary
 from ensemble_async.presets import PipelineSettings
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.seedtasks import load_seed_tasks
+from ensemble_async.sink import MemoryRecordSink
 from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.faults import Fault, FaultPlan
 from ensemble_async.testing.openai_double import OpenAIDouble
@@ -51,29 +52,20 @@ FAULTS = (
 )
 
 
-class CountingSink:
-    """An in-memory ``RecordSink`` that counts every call, duplicates included."""
+class CountingSink(MemoryRecordSink):
+    """The in-memory sink, with its counts in the shape this report prints."""
 
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.record_calls = 0
-        self.duplicates = 0
-        self.rejects: Counter[str] = Counter()
+    @property
+    def ids(self) -> set[str]:
+        return {r.id for r in self.records}
 
-    def has(self, id: str) -> bool:
-        return id in self.ids
+    @property
+    def record_calls(self) -> int:
+        return len(self.records) + self.duplicates
 
-    def write(self, record: dict[str, Any]) -> bool:
-        self.record_calls += 1
-        if record["id"] in self.ids:
-            self.duplicates += 1
-            return False
-        self.ids.add(record["id"])
-        return True
-
-    def reject(self, record: dict[str, Any]) -> bool:
-        self.rejects[record["stage"]] += 1
-        return True
+    @property
+    def rejects_by_stage(self) -> Counter[str]:
+        return Counter(r.stage for r in self.rejects)
 
 
 def rss_mib() -> float:
@@ -144,7 +136,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         received = {"writer": w.stats.requests, "a1": a1.stats.requests, "a2": a2.requests}
 
     accepted3 = summary.counts["instances"]["accepted"]
-    settled = sink.record_calls + sink.rejects["consensus"] + summary.counts["consensus"]["skipped"]
+    settled = (
+        sink.record_calls
+        + sink.rejects_by_stage["consensus"]
+        + summary.counts["consensus"]["skipped"]
+        + summary.counts["answers"]["deferred"]
+    )
     injected: Counter[str] = Counter()
     for plan in plans.values():
         injected.update(plan.by_kind)
@@ -158,7 +155,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "records": len(sink.ids),
         "records_per_s": round(len(sink.ids) / wall, 1),
         "duplicate_ids": sink.duplicates,
-        "rejects": dict(sink.rejects),
+        "rejects": dict(sink.rejects_by_stage),
+        "deferred": summary.deferred,
         "lost": accepted3 - settled,
         "faults_injected": sum(injected.values()),
         "faults_by_kind": dict(sorted(injected.items())),

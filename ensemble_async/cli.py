@@ -20,7 +20,10 @@ Subcommands:
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
 (the message names the file, key or line); 3 backends unreachable (``check``) or every
-backend failed; 4 the output cannot be written; 130 interrupted (Ctrl-C or SIGTERM: the
+backend failed; 4 the output cannot be written (full disk, read-only, not creatable);
+5 items deferred (a member was unavailable: rerun the same command when it is back);
+6 the output is locked by another run; 7 the output is not a records file (or not a
+regular file); 8 the records file is corrupt (a bad line before its last); 130 interrupted (Ctrl-C or SIGTERM: the
 run is cancelled, finished records are on disk, sessions are closed).
 """
 
@@ -36,7 +39,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,6 +64,7 @@ from .ensemble import Ensemble
 from .errors import BackendError, UnknownBackendError
 from .member import Member
 from .progress import Mode, Progress
+from .records import RecordFileError
 from .registry import backend_kinds, create_backend
 from .retry import RetryPolicy
 from .secret import MissingSecretError
@@ -72,6 +76,10 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BACKENDS_FAILED = 3
 EXIT_OUTPUT = 4
+EXIT_DEFERRED = 5
+EXIT_OUTPUT_LOCKED = 6
+EXIT_NOT_RECORDS = 7
+EXIT_CORRUPT_RECORDS = 8
 EXIT_INTERRUPTED = 130
 
 DEFAULT_PROMPT = "Give three short tips for writing clear instructions."
@@ -304,7 +312,7 @@ async def generate(
             members = list(dict.fromkeys([writer, *answerers]))
             for member in members:
                 stack.push_async_callback(member.aclose)
-            sink = stack.enter_context(_open_records(config))
+            sink = await stack.enter_async_context(_open_records(config))
             progress = Progress(
                 mode,
                 members=members,
@@ -323,6 +331,7 @@ async def generate(
                 async with progress:
                     for member in members:
                         await member.start()
+                    fingerprint = await _check_manifest(config, settings, seeds, members)
                     pipeline = Pipeline(
                         writer=writer,
                         answerers=answerers,
@@ -330,6 +339,9 @@ async def generate(
                         settings=settings,
                         sink=sink,
                         events=progress,
+                        writer_answers=_writer_answers(config),
+                        served_by=_served_by(config),
+                        fingerprint=fingerprint,
                     )
                     summary = await pipeline.run()
             except asyncio.CancelledError:
@@ -339,10 +351,80 @@ async def generate(
             if _all_failed(members):
                 console.print("[red]every backend failed[/red]")
                 return EXIT_BACKENDS_FAILED
+            if summary.deferred:
+                reasons = ", ".join(f"{r} x{n}" for r, n in summary.deferred_reasons.items())
+                console.print(
+                    f"[yellow]{summary.deferred} item(s) deferred[/yellow] ({reasons}): "
+                    "rerun the same command once every backend is back"
+                )
+                return EXIT_DEFERRED
             return EXIT_OK
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _check_manifest(
+    config: Config, settings: Any, seeds: Sequence[Any], members: Sequence[Member]
+) -> str:
+    """Build the run manifest, compare it with the one beside the records (write it when
+    there is none); a different definition is a usage error naming each changed field."""
+    from . import __version__
+    from .manifest import (
+        ManifestError,
+        check_manifest,
+        manifest_path,
+        run_manifest,
+        seed_tasks_digest,
+        templates_digest,
+    )
+
+    async def served_model(member: Member) -> str | None:
+        try:
+            async with asyncio.timeout(member.timeout_s):
+                return (await member.backend.info()).model
+        except (BackendError, TimeoutError):
+            return None
+
+    models = await asyncio.gather(*(served_model(m) for m in members))
+    manifest = run_manifest(
+        preset=settings.name,
+        seed=settings.seed,
+        settings=settings.identity(),
+        seed_tasks_sha256=seed_tasks_digest(seeds),
+        templates_sha256=templates_digest(),
+        members={
+            m.name: {"kind": config.backends[m.name].kind, "model": model}
+            for m, model in zip(members, models, strict=True)
+        },
+        roles={"writer": config.roles.writer, "answerers": list(config.roles.answerers)},
+        selection={
+            "consensus_complete": settings.consensus_complete,
+            "writer_answers": _writer_answers(config),
+        },
+        library_version=__version__,
+    )
+    path = manifest_path(config.run.output)
+    try:
+        await asyncio.to_thread(check_manifest, path, manifest)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    return str(manifest["fingerprint"])
+
+
+def _writer_answers(config: Config) -> Any:
+    """``roles.writer_answers`` when the config has it: "provenance" keeps the writer's
+    answer out of the vote; anything else lets it vote."""
+    value = getattr(config.roles, "writer_answers", None)
+    return "provenance" if value == "provenance" else "vote"
+
+
+def _served_by(config: Config) -> dict[str, Any]:
+    from .pipeline import ServedBy, host_of
+
+    return {
+        name: ServedBy(backend=b.kind, host=host_of(b.url)) for name, b in config.backends.items()
+    }
 
 
 @contextlib.asynccontextmanager
@@ -359,15 +441,18 @@ async def _open_cache(config: Config) -> AsyncIterator[Any]:
         await cache.aclose()
 
 
-@contextlib.contextmanager
-def _open_records(config: Config) -> Iterator[Any]:
-    from .records import RecordFileError, RecordWriter
+@contextlib.asynccontextmanager
+async def _open_records(config: Config) -> AsyncIterator[Any]:
+    from .records import RecordStorageError
+    from .sink import AsyncRecordWriter
 
     try:
-        writer = RecordWriter(config.run.output, rejects_path=config.run.rejects_path)
-    except RecordFileError as exc:
+        writer = await AsyncRecordWriter.open(
+            config.run.output, rejects_path=config.run.rejects_path
+        )
+    except RecordStorageError as exc:
         raise OutputError(config.source, "run.output", str(exc)) from None
-    with writer:
+    async with writer:
         yield writer
 
 
@@ -378,7 +463,7 @@ def storage_failure(exc: BaseException) -> BaseException | None:
     """The disk-level failure (full disk, quota, read-only, I/O error) behind ``exc``,
     looking through exception groups and causes; None when it is something else."""
     from .cache import CacheError
-    from .records import RecordFileError
+    from .records import RecordStorageError
 
     seen: set[int] = set()
     stack = [exc]
@@ -387,7 +472,7 @@ def storage_failure(exc: BaseException) -> BaseException | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, CacheError | RecordFileError):
+        if isinstance(current, CacheError | RecordStorageError):
             return current
         if isinstance(current, OSError) and current.errno in _STORAGE_ERRNOS:
             return current
@@ -669,12 +754,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_OUTPUT
+    except RecordFileError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return _records_exit(exc)
     except (UsageError, ConfigError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_USAGE
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _records_exit(exc: RecordFileError) -> int:
+    from .records import CorruptRecordFileError, NotARecordsFileError, RecordFileLockedError
+
+    if isinstance(exc, RecordFileLockedError):
+        return EXIT_OUTPUT_LOCKED
+    if isinstance(exc, NotARecordsFileError):
+        return EXIT_NOT_RECORDS
+    if isinstance(exc, CorruptRecordFileError):
+        return EXIT_CORRUPT_RECORDS
+    return EXIT_OUTPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,10 +5,14 @@ each other.
 
     step 1  instructions  (per kind)  writer, novelty filter   --queue-->
     step 2+3 instances    (N workers) writer, validity parser  --queue-->
-    step 4+5 answers      (M workers) Ensemble(answerers) + consensus --> committer --> sink
+    step 4+5 answers      (M workers) Ensemble(answerers) + consensus
+        --> committer (fixed order) --> sink (bounded queue, one writer thread)
+        --> acknowledger (counts and events once each entry is on disk)
 
 Each stage starts as soon as the previous one hands it an item; the queues between
 stages are bounded, so a fast stage waits for a slow one instead of piling up work.
+This layer decides what is written; :mod:`ensemble_async.sink` writes it (the loop never
+waits on the disk, only for room in the sink's queue).
 
 Determinism. The same settings, seeds and (deterministic) backends give the same
 requests and the same records, whatever the timing:
@@ -21,25 +25,46 @@ requests and the same records, whatever the timing:
 * every request carries a seed derived from ``settings.seed``, the step, the kind and
   the item's position (so a response cache keys every call apart);
 * the committer writes outcomes in a fixed order (the ``k``-th accepted instruction of
-  each kind, kinds alternating), holding back any that finish early; step-1 rejects are
-  written as they are committed (each kind in attempt order).
+  each kind, kinds alternating), holding back those that finish early.  What it holds
+  is bounded: at most ``queue_size`` instructions are past step 1 and not yet written
+  (plus the one whose turn it is, always let in), so a stalled kind makes the other
+  wait instead of piling up outcomes.  Step-1 rejects are written as
+  they are committed (each kind in attempt order).
 
-Resume: an item whose record id the sink already has is not answered again (steps 1-3
-are replayed: with a response cache that costs nothing, and they decide the ids).
+Slots and resume.  The ``k``-th accepted instruction of a kind is an *instruction
+slot*; a record or a reject (from step 2 on) fills it for good.  On resume steps 1-3 are
+replayed (a response cache makes that free and decides the same instructions), and a
+slot the sink already holds is never decided again.
 
-Record (one per kept example)::
+Unavailable members.  An error that says the member is unavailable (retries exhausted on
+a retryable error, breaker open) decides nothing:
+
+* in step 1 the kind stops at that attempt (later attempts would see a different pool
+  of generated instructions than an uninterrupted run), the rest of the kind deferred;
+* in step 2 the slot is deferred;
+* in step 4 a decision needs ``min_candidates`` candidates (default: every voice --
+  the writer's output and each answerer); an item that falls short because a member
+  was unavailable is deferred.
+
+Deferred items are neither kept nor rejected; they are listed in the summary and in the
+sink's deferred file, and the next run of the same command decides them.  An error of
+the request itself (a ``FatalError``, e.g. context too long) is a reject in steps 1-2
+and a failed candidate in step 4.
+
+Record (one per kept example, :class:`~ensemble_async.records.Record`)::
 
     {"id": "ei-<16 hex>", "type": "input_output" | "output", "instruction", "input",
      "output", "provenance": {"writer", "instruction_attempt", "instruction_index",
      "novelty_max_rouge", "candidates": [{"index", "source", "status", "text", "error",
-     "finish_reason", "completion_tokens", "prompt_style"}],
-     "decision": {rule, index, scores, ...}, "preset", "seed"}}
+     "finish_reason", "completion_tokens", "prompt_style", "model", "backend", "host"}],
+     "decision": {rule, index, scores, ...}, "preset", "seed", ["writer_answer"],
+     "library_version", "created_at", ["fingerprint"]}}
 
 ``prompt_style`` is ``"instance"`` for candidate 0 (the writer's step-2 output) and
 ``"zero_shot"`` or ``"few_shot"`` for each answer (see :class:`Pipeline`).
 
-Reject: ``{"id", "stage", "reason", "type", ...}`` with what is needed to understand it
-(the text, the candidates, the scores).
+Reject (:class:`~ensemble_async.records.Reject`): ``{"id", "stage", "type", "reason",
+...}`` with what is needed to understand it (the text, the candidates, the scores).
 """
 
 from __future__ import annotations
@@ -50,13 +75,18 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeAlias
+from urllib.parse import urlsplit
 
-from .consensus import select
+from . import __version__
+from . import errors as _errors
+from .breaker import CircuitOpenError
+from .consensus import Selection, select
 from .ensemble import Candidate, Ensemble
-from .errors import BackendError
+from .errors import BackendError, RetryableError
 from .filters import (
     ParsedInstance,
     Rejection,
@@ -66,6 +96,7 @@ from .filters import (
 )
 from .member import Member
 from .presets import PipelineSettings
+from .records import CandidateRecord, Deferred, Provenance, Record, Reject, Slot
 from .rouge import NoveltyFilter
 from .seedtasks import KINDS, SeedTask, TaskKind, split_by_kind
 from .templates import (
@@ -81,28 +112,64 @@ __all__ = [
     "Pipeline",
     "PipelineSummary",
     "RecordSink",
+    "ServedBy",
+    "WriterAnswers",
     "derive_seed",
+    "host_of",
     "record_id",
 ]
 
 STAGES = ("instructions", "instances", "answers", "consensus")
 
+WriterAnswers: TypeAlias = Literal["vote", "provenance"]
+"""What the writer's own answer is when the writer is also an answerer: a vote like any
+other, or kept in provenance only (``Provenance.writer_answer``), never a vote."""
+
 
 class RecordSink(Protocol):
-    """Where records and rejects go (``RecordWriter`` satisfies it)."""
+    """Where records, rejects, deferred items and the summary go
+    (:class:`~ensemble_async.sink.AsyncRecordWriter` is the one to use)."""
 
-    def has(self, id: str) -> bool: ...
+    def has(self, record_id: str) -> bool: ...
 
-    def write(self, record: dict[str, Any]) -> bool: ...
+    def decided(self, slot: Slot) -> Literal["record", "reject"] | None: ...
 
-    def reject(self, record: dict[str, Any]) -> bool: ...
+    async def submit(self, entry: Record | Reject) -> asyncio.Future[bool]: ...
+
+    async def write_deferred(self, items: Sequence[Deferred]) -> None: ...
+
+    async def write_summary(self, summary: Mapping[str, Any]) -> None: ...
 
 
 class EventSink(Protocol):
     """Progress events: ``stage`` in :data:`STAGES`, ``kind`` like ``started``,
-    ``accepted``, ``rejected`` (with ``reason=``), ``skipped``, ``done``."""
+    ``accepted``, ``rejected`` (with ``reason=``), ``skipped``, ``deferred``, ``done``."""
 
     def event(self, stage: str, kind: str, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """Who serves a member, for provenance: the backend kind and ``host[:port]``."""
+
+    backend: str
+    host: str | None = None
+
+
+def host_of(url: str | None) -> str | None:
+    """``https://user:key@h.example:8080/v1?token=x`` -> ``h.example:8080``: no
+    credentials, no path, no query."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return None
+    if host is None:
+        return None
+    return f"{host}:{port}" if port is not None else host
 
 
 def record_id(kind: str, instruction: str, input: str) -> str:
@@ -122,9 +189,29 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error says the member is unavailable (decides nothing) rather than
+    that the request itself is bad."""
+    return isinstance(exc, RetryableError | CircuitOpenError)
+
+
+def _candidate_unavailable(c: Candidate) -> bool:
+    if c.status == "circuit_open":
+        return True
+    if c.status != "failed" or not c.error:
+        return False
+    cls = getattr(_errors, c.error.split(":", 1)[0], None)
+    return isinstance(cls, type) and issubclass(cls, RetryableError)
+
+
 @dataclass
 class PipelineSummary:
-    """Counts per stage (``accepted``/``rejected``/``skipped``...) and per reject reason."""
+    """Counts per stage (``accepted``/``rejected``/``skipped``/``deferred``...), per
+    reject reason, and the deferred items' reasons."""
 
     counts: dict[str, Counter[str]] = field(
         default_factory=lambda: {stage: Counter() for stage in STAGES}
@@ -140,6 +227,12 @@ class PipelineSummary:
     records_present: int = 0
     """Records already in the sink (resumed run) or refused by it as duplicates."""
     rejects_written: int = 0
+    deferred: int = 0
+    """Items neither kept nor rejected because a member was unavailable (a step-1
+    deferral counts once, for the rest of its kind); the next run decides them."""
+    deferred_reasons: Counter[str] = field(default_factory=Counter)
+    deferred_before: int = 0
+    """Items the previous run had deferred (picked up again by this one)."""
     wall_s: float = 0.0
 
     def count(self, stage: str, what: str, reason: str | None = None) -> None:
@@ -149,26 +242,31 @@ class PipelineSummary:
 
     @property
     def complete(self) -> bool:
-        return not self.exhausted
+        return not self.exhausted and not self.deferred
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "counts": {s: dict(c) for s, c in self.counts.items()},
-            "reasons": {s: dict(c) for s, c in self.reasons.items()},
+            "counts": {stage: dict(c) for stage, c in self.counts.items()},
+            "reasons": {stage: dict(c) for stage, c in self.reasons.items()},
             "attempts": dict(self.attempts),
             "accepted_instructions": dict(self.accepted_instructions),
             "exhausted": dict(self.exhausted),
             "records_written": self.records_written,
             "records_present": self.records_present,
             "rejects_written": self.rejects_written,
+            "deferred": self.deferred,
+            "deferred_reasons": dict(self.deferred_reasons),
+            "deferred_before": self.deferred_before,
             "wall_s": self.wall_s,
         }
 
 
 @dataclass(frozen=True)
 class _Instruction:
+    """An accepted step-1 instruction: the ``index``-th of its kind (its slot)."""
+
     kind: TaskKind
-    index: int  # position among the kind's accepted instructions
+    index: int
     attempt: int
     stored: str  # as the novelty filter saw it (may keep |EoS| in paper mode)
     novelty: float
@@ -176,6 +274,8 @@ class _Instruction:
 
 @dataclass(frozen=True)
 class _Instance:
+    """A step-2 instance that passed step 3, waiting for its answers."""
+
     item: _Instruction
     id: str
     instruction: str
@@ -184,55 +284,87 @@ class _Instance:
     completion: Completion
 
 
-_OutcomeKind: TypeAlias = Literal["record", "reject", "skip"]
-
-
 @dataclass(frozen=True)
-class _Outcome:
-    what: _OutcomeKind
-    payload: dict[str, Any]
+class _Present:
+    """A slot an earlier run already decided (or a record id already on disk)."""
+
+    id: str | None
+    what: Literal["record", "reject"]
+
+
+_Outcome: TypeAlias = Record | Reject | Deferred | _Present
+"""What one instruction slot ends as."""
 
 
 class _Committer:
-    """Writes outcomes in the order (k, kind) whatever order they finish in."""
+    """Hands outcomes to ``emit`` in the order (k, kind) whatever order they finish in.
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self._p = pipeline
+    ``admit`` keeps what is held bounded: at most ``room`` instructions are between
+    step 2 and their turn at once (in a stage, in a queue, or finished and waiting),
+    except the one whose turn it is, which is always let in -- so a stalled kind makes
+    the other wait instead of piling up outcomes, and can never be starved itself."""
+
+    def __init__(self, room: int) -> None:
+        self._room = room
         self._pending: dict[tuple[int, TaskKind], _Outcome] = {}
         self._next: dict[TaskKind, int] = dict.fromkeys(KINDS, 0)
         self._total: dict[TaskKind, int | None] = dict.fromkeys(KINDS, None)
+        self._outstanding = 0
+        self._changed = asyncio.Condition()
+        self.most_held = 0
 
-    def offer(self, kind: TaskKind, index: int, outcome: _Outcome) -> None:
-        self._pending[(index, kind)] = outcome
-        self._drain()
+    def _open(self, kind: TaskKind) -> bool:
+        total = self._total[kind]
+        return total is None or self._next[kind] < total
 
-    def finish(self, kind: TaskKind, total: int) -> None:
-        self._total[kind] = total
-        self._drain()
+    async def admit(self, kind: TaskKind, index: int) -> None:
+        """Wait until the instruction at (``index``, ``kind``) may enter step 2."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._outstanding < self._room or self._due() == (index, kind)
+            )
+            self._outstanding += 1
 
-    def _drain(self) -> None:
+    async def offer(self, kind: TaskKind, index: int, outcome: _Outcome) -> None:
+        async with self._changed:
+            self._pending[(index, kind)] = outcome
+            self.most_held = max(self.most_held, len(self._pending))
+            self._changed.notify_all()
+
+    async def finish(self, kind: TaskKind, total: int) -> None:
+        async with self._changed:
+            self._total[kind] = total
+            self._changed.notify_all()
+
+    def _due(self) -> tuple[int, TaskKind] | None:
+        open_keys = [(self._next[k], rank, k) for rank, k in enumerate(KINDS) if self._open(k)]
+        if not open_keys:
+            return None
+        index, _, kind = min(open_keys)
+        return index, kind
+
+    async def run(self, emit: Callable[[TaskKind, _Outcome], Awaitable[None]]) -> None:
+        """Emit every outcome in order; return once every kind is finished and emitted."""
         while True:
-            open_keys = [
-                (self._next[kind], rank, kind)
-                for rank, kind in enumerate(KINDS)
-                if self._total[kind] is None or self._next[kind] < (self._total[kind] or 0)
-            ]
-            if not open_keys:
-                return
-            index, _, kind = min(open_keys)
-            outcome = self._pending.pop((index, kind), None)
-            if outcome is None:
-                return
-            self._next[kind] += 1
-            self._p._emit(outcome)
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: (due := self._due()) is None or due in self._pending
+                )
+                due = self._due()
+                if due is None:
+                    return
+                outcome = self._pending.pop(due)
+                self._next[due[1]] += 1
+                self._outstanding -= 1
+                self._changed.notify_all()
+            await emit(due[1], outcome)
 
     @property
     def held(self) -> int:
         return len(self._pending)
 
 
-_Item1: TypeAlias = _Instruction | None
-_Item2: TypeAlias = _Instance | None
+_Ack: TypeAlias = "tuple[asyncio.Future[bool], Record | Reject] | None"
 
 
 class Pipeline:
@@ -241,12 +373,19 @@ class Pipeline:
     ``writer`` and ``answerers`` are ``Member``s the caller owns (started and closed by
     the caller); the answerers form an :class:`Ensemble` whose candidate 0 is the
     writer's step-2 output. ``seeds`` are split by kind; each kind's seed instructions
-    seed its novelty pool and fill its step-1 demos.
+    seed its novelty pool and fill its step-1 demos.  ``sink`` is an open
+    :class:`~ensemble_async.sink.AsyncRecordWriter` (or anything with its methods).
 
     Each answerer gets the zero-shot prompt ``instruction + "\\n" + input`` when its
     ``Member.instruction_tuned`` is true, else the few-shot prompt of
     :func:`~ensemble_async.templates.build_fewshot_answer_prompt` (SPEC step 4); the
     style is recorded per candidate (``prompt_style``).
+
+    ``writer_answers``: see :data:`WriterAnswers` (only matters when the writer is among
+    the answerers).  ``min_candidates``: candidates a decision needs (default: every
+    voice).  ``served_by``: backend kind and host per member name, for provenance.
+    ``fingerprint``: the run manifest's fingerprint, stored in each record.
+    ``clock``: the UTC timestamp written in each record.
     """
 
     def __init__(
@@ -258,36 +397,58 @@ class Pipeline:
         settings: PipelineSettings,
         sink: RecordSink,
         events: EventSink | None = None,
+        writer_answers: WriterAnswers = "vote",
+        min_candidates: int | None = None,
+        served_by: Mapping[str, ServedBy] | None = None,
+        fingerprint: str | None = None,
+        clock: Callable[[], str] = _utc_now,
     ) -> None:
+        if writer_answers not in ("vote", "provenance"):
+            raise ValueError(
+                f"writer_answers must be 'vote' or 'provenance', got {writer_answers!r}"
+            )
         self.writer = writer
-        self.answerers = list(answerers)
-        self.prompt_styles: list[PromptStyle] = [
-            "zero_shot" if getattr(m, "instruction_tuned", True) else "few_shot"
-            for m in self.answerers
+        self.writer_answers = writer_answers
+        self.answerers = [
+            m for m in answerers if not (writer_answers == "provenance" and m is writer)
         ]
+        self.writer_answers_too = writer_answers == "provenance" and any(
+            m is writer for m in answerers
+        )
+        self.prompt_styles: list[PromptStyle] = [_style(m) for m in self.answerers]
+        self.voices = 1 + len(self.answerers)
+        if min_candidates is None:
+            min_candidates = self.voices
+        if not 1 <= min_candidates <= self.voices:
+            raise ValueError(f"min_candidates must be in 1..{self.voices}, got {min_candidates}")
+        self.min_candidates = min_candidates
         self.settings = settings
         self.sink = sink
         self.events = events
+        self.served_by = dict(served_by or {})
+        self.fingerprint = fingerprint
+        self.clock = clock
         self.seeds = split_by_kind(seeds)
         for kind in KINDS:
             if settings.target(kind) > 0 and not self.seeds[kind]:
                 raise ValueError(f"no seed tasks of kind {kind!r} but its target is > 0")
-        s = settings
         if self.answerers:
-            complete = s.consensus_complete
+            complete = settings.consensus_complete
             self.ensemble: Ensemble | None = Ensemble(
                 self.answerers,
-                policy="deadline" if complete else s.consensus_policy,
-                threshold=s.consensus_threshold,
-                deadline_s=s.consensus_deadline_s
-                if complete or s.consensus_policy == "deadline"
+                policy="deadline" if complete else settings.consensus_policy,
+                threshold=settings.consensus_threshold,
+                deadline_s=settings.consensus_deadline_s
+                if complete or settings.consensus_policy == "deadline"
                 else None,
-                max_items_in_flight=s.answer_concurrency,
+                max_items_in_flight=settings.answer_concurrency,
             )
         else:
             self.ensemble = None
         self.summary = PipelineSummary()
-        self._committer = _Committer(self)
+        self.deferred: list[Deferred] = []
+        self._committer = _Committer(settings.queue_size)
+        self._acks: asyncio.Queue[_Ack] = asyncio.Queue(settings.queue_size)
 
     # -- events and output ----------------------------------------------------------------
 
@@ -295,79 +456,117 @@ class Pipeline:
         if self.events is not None:
             self.events.event(stage, kind, **fields)
 
-    def _reject(self, record: dict[str, Any]) -> None:
-        if self.sink.reject(record):
-            self.summary.rejects_written += 1
+    async def _submit(self, entry: Record | Reject) -> None:
+        """Queue an entry for the disk; the acknowledger counts it once it is there."""
+        await self._acks.put((await self.sink.submit(entry), entry))
 
-    def _emit(self, outcome: _Outcome) -> None:
-        """Called by the committer, in the fixed order."""
-        payload = outcome.payload
-        if outcome.what == "record":
-            if self.sink.write(payload):
-                self.summary.records_written += 1
+    async def _acknowledge(self) -> None:
+        """Counts and events, in submission order, each once its entry is on disk."""
+        while (ack := await self._acks.get()) is not None:
+            done, entry = ack
+            written = await done
+            if isinstance(entry, Record):
+                if written:
+                    self.summary.records_written += 1
+                else:
+                    self.summary.records_present += 1
+                self.summary.count("consensus", "accepted")
+                self._event("consensus", "accepted", id=entry.id, type=entry.type)
             else:
-                self.summary.records_present += 1
-            self.summary.count("consensus", "accepted")
-            self._event("consensus", "accepted", id=payload["id"], type=payload["type"])
-        elif outcome.what == "reject":
-            self._reject(payload)
-            stage = payload["stage"]
-            self.summary.count(stage, "rejected", payload["reason"])
-            self._event(stage, "rejected", reason=payload["reason"], id=payload["id"])
+                if written:
+                    self.summary.rejects_written += 1
+                self.summary.count(entry.stage, "rejected", entry.reason)
+                self._event(entry.stage, "rejected", reason=entry.reason, id=entry.id)
+
+    def _defer(self, item: Deferred) -> None:
+        self.deferred.append(item)
+        self.summary.deferred += 1
+        self.summary.deferred_reasons[item.reason] += 1
+        self.summary.count(item.stage, "deferred", item.reason)
+        self._event(
+            item.stage,
+            "deferred",
+            type=item.type,
+            reason=item.reason,
+            index=item.instruction_index,
+            attempt=item.attempt,
+        )
+
+    async def _emit(self, kind: TaskKind, outcome: _Outcome) -> None:
+        """Called by the committer, in the fixed order."""
+        if isinstance(outcome, Record | Reject):
+            await self._submit(outcome)
+        elif isinstance(outcome, Deferred):
+            self._defer(outcome)
         else:
-            self.summary.records_present += 1
+            if outcome.what == "record":
+                self.summary.records_present += 1
             self.summary.count("consensus", "skipped")
-            self._event("consensus", "skipped", id=payload["id"])
+            self._event("consensus", "skipped", id=outcome.id, type=kind, decided=outcome.what)
 
     # -- run ------------------------------------------------------------------------------
 
     async def run(self) -> PipelineSummary:
-        """Run every stage to the end; return the summary."""
+        """Run every stage to the end; write the deferred list and the summary beside
+        the records; return the summary."""
         started = time.perf_counter()
-        s = self.settings
-        q1: asyncio.Queue[_Item1] = asyncio.Queue(s.queue_size)
-        q2: asyncio.Queue[_Item2] = asyncio.Queue(s.queue_size)
+        settings = self.settings
+        self.summary.deferred_before = len(getattr(self.sink, "previous_deferred", ()))
+        accepted_instructions: asyncio.Queue[_Instruction | None] = asyncio.Queue(
+            settings.queue_size
+        )
+        parsed_instances: asyncio.Queue[_Instance | None] = asyncio.Queue(settings.queue_size)
         for stage in STAGES:
-            self._event(stage, "started", targets=dict(s.targets))
+            self._event(stage, "started", targets=dict(settings.targets))
 
         async def instructions() -> None:
             async with asyncio.TaskGroup() as tg:
                 for kind in KINDS:
-                    tg.create_task(self._instructions(kind, q1))
-            for _ in range(s.instance_concurrency):
-                await q1.put(None)
+                    tg.create_task(self._instructions(kind, accepted_instructions))
+            for _ in range(settings.instance_concurrency):
+                await accepted_instructions.put(None)
             self._event("instructions", "done", **self.summary.accepted_instructions)
 
         async def instances() -> None:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(s.instance_concurrency):
-                    tg.create_task(self._instance_worker(q1, q2))
-            for _ in range(s.answer_concurrency):
-                await q2.put(None)
+                for _ in range(settings.instance_concurrency):
+                    tg.create_task(self._instance_worker(accepted_instructions, parsed_instances))
+            for _ in range(settings.answer_concurrency):
+                await parsed_instances.put(None)
             self._event("instances", "done")
 
         async def answers() -> None:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(s.answer_concurrency):
-                    tg.create_task(self._answer_worker(q2))
+                for _ in range(settings.answer_concurrency):
+                    tg.create_task(self._answer_worker(parsed_instances))
             self._event("answers", "done")
+
+        async def commit() -> None:
+            await self._committer.run(self._emit)
+            await self._acks.put(None)  # every step-1 reject was submitted before
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(instructions())
             tg.create_task(instances())
             tg.create_task(answers())
+            tg.create_task(commit())
+            tg.create_task(self._acknowledge())
         assert self._committer.held == 0, "committer left outcomes unwritten"
         self.summary.wall_s = time.perf_counter() - started
+        await self.sink.write_deferred(self.deferred)
+        await self.sink.write_summary(self.summary.to_dict())
         self._event("consensus", "done", **self.summary.to_dict())
         return self.summary
 
     # -- step 1 ---------------------------------------------------------------------------
 
     def _demos(self, kind: TaskKind, attempt: int, generated: Sequence[str]) -> list[str]:
-        s = self.settings
-        rng = random.Random(f"{s.seed}:demos:{kind}:{attempt}")
-        total = s.demos.get(kind, 0)
-        picked = rng.sample(list(generated), min(s.max_generated_demos, len(generated), total))
+        settings = self.settings
+        rng = random.Random(f"{settings.seed}:demos:{kind}:{attempt}")
+        total = settings.demos.get(kind, 0)
+        picked = rng.sample(
+            list(generated), min(settings.max_generated_demos, len(generated), total)
+        )
         seeds = [t.instruction for t in self.seeds[kind]]
         picked += rng.sample(seeds, min(total - len(picked), len(seeds)))
         rng.shuffle(picked)
@@ -376,55 +575,71 @@ class Pipeline:
     async def _attempt(
         self, kind: TaskKind, attempt: int, generated: Sequence[str]
     ) -> Completion | BackendError:
-        s = self.settings
+        settings = self.settings
         prompt = build_instruction_prompt(
-            self._demos(kind, attempt, generated), drop_eos=not s.keep_eos
+            self._demos(kind, attempt, generated), drop_eos=not settings.keep_eos
         )
-        request = s.instruction_decoding.request(
-            prompt, seed=derive_seed(s.seed, "instruction", kind, attempt)
+        request = settings.instruction_decoding.request(
+            prompt, seed=derive_seed(settings.seed, "instruction", kind, attempt)
         )
         try:
             return (await self.writer.generate(request))[0]
         except BackendError as exc:
             return exc
 
-    async def _instructions(self, kind: TaskKind, out: asyncio.Queue[_Item1]) -> None:
-        s = self.settings
-        target = s.target(kind)
-        max_attempts = s.max_attempts_factor * target
-        window = s.instruction_window
+    async def _instructions(self, kind: TaskKind, out: asyncio.Queue[_Instruction | None]) -> None:
+        settings = self.settings
+        target = settings.target(kind)
+        max_attempts = settings.max_attempts_factor * target
+        window = settings.instruction_window
         novelty = NoveltyFilter(
-            (t.instruction for t in self.seeds[kind]), threshold=s.novelty_threshold
+            (t.instruction for t in self.seeds[kind]), threshold=settings.novelty_threshold
         )
         accepted: list[tuple[int, str]] = []
-        tasks: dict[int, asyncio.Task[Completion | BackendError]] = {}
+        in_flight: dict[int, asyncio.Task[Completion | BackendError]] = {}
         launched = committed = 0
+        stopped: Deferred | None = None
         try:
             while len(accepted) < target and committed < max_attempts:
                 while launched < max_attempts and launched - committed < window:
                     horizon = launched - window + 1  # attempts below it are all committed
                     generated = [text for a, text in accepted if a < horizon]
-                    tasks[launched] = asyncio.create_task(self._attempt(kind, launched, generated))
+                    in_flight[launched] = asyncio.create_task(
+                        self._attempt(kind, launched, generated)
+                    )
                     launched += 1
-                result = await tasks.pop(committed)
-                item = self._commit_instruction(kind, committed, result, novelty, accepted)
+                result = await in_flight.pop(committed)
+                if isinstance(result, BackendError) and unavailable(result):
+                    stopped = Deferred(
+                        stage="instructions",
+                        type=kind,
+                        reason=f"unavailable:{type(result).__name__}",
+                        seed=settings.seed,
+                        attempt=committed,
+                        members=(self.writer.name,),
+                    )
+                    break
+                item = await self._commit_instruction(kind, committed, result, novelty, accepted)
                 committed += 1
                 if item is not None:
+                    await self._committer.admit(kind, item.index)
                     await out.put(item)
         finally:
-            for task in tasks.values():
+            for task in in_flight.values():
                 task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await asyncio.gather(*in_flight.values(), return_exceptions=True)
         self.summary.attempts[kind] = committed
         self.summary.accepted_instructions[kind] = len(accepted)
-        if len(accepted) < target:
+        if stopped is not None:
+            self._defer(stopped)
+        elif len(accepted) < target:
             why = f"{len(accepted)}/{target} instructions accepted after {committed} attempts"
             self.summary.exhausted[kind] = why
             self._event("instructions", "exhausted", type=kind, detail=why)
-        self._committer.finish(kind, len(accepted))
+        await self._committer.finish(kind, len(accepted))
         self._event("instructions", "finished", type=kind, accepted=len(accepted))
 
-    def _commit_instruction(
+    async def _commit_instruction(
         self,
         kind: TaskKind,
         attempt: int,
@@ -432,44 +647,38 @@ class Pipeline:
         novelty: NoveltyFilter,
         accepted: list[tuple[int, str]],
     ) -> _Instruction | None:
-        s = self.settings
-        base = {"stage": "instructions", "type": kind, "attempt": attempt, "seed": s.seed}
-        if isinstance(result, BackendError):
+        settings = self.settings
+        base: dict[str, Any] = {
+            "stage": "instructions",
+            "type": kind,
+            "attempt": attempt,
+            "seed": settings.seed,
+        }
+        if isinstance(result, BackendError):  # the request's own fault (a FatalError)
             reason = f"backend_error:{type(result).__name__}"
-            self._reject_now(
-                {
-                    "id": _reject_id(s.seed, "instructions", kind, attempt, reason),
-                    **base,
-                    "reason": reason,
-                    "error": str(result),
-                }
-            )
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, reason)
+            await self._submit(Reject(id=rid, **base, reason=reason, error=str(result)))
             return None
         extracted = extract_instruction(
-            result.text, keep_eos=s.keep_eos, stopped=result.finish_reason == "stop"
+            result.text, keep_eos=settings.keep_eos, stopped=result.finish_reason == "stop"
         )
         if isinstance(extracted, Rejection):
-            self._reject_now(
-                {
-                    "id": _reject_id(s.seed, "instructions", kind, attempt, result.text),
-                    **base,
-                    "reason": extracted.reason,
-                    "text": result.text,
-                }
-            )
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, result.text)
+            await self._submit(Reject(id=rid, **base, reason=extracted.reason, text=result.text))
             return None
         score = novelty.max_similarity(extracted)
-        if score > s.novelty_threshold:
+        if score > settings.novelty_threshold:
             similar = novelty.top_similar(extracted, 1)
-            self._reject_now(
-                {
-                    "id": _reject_id(s.seed, "instructions", kind, attempt, extracted),
+            rid = _reject_id(settings.seed, "instructions", kind, attempt, extracted)
+            await self._submit(
+                Reject(
+                    id=rid,
                     **base,
-                    "reason": "not_novel",
-                    "instruction": extracted,
-                    "max_rouge": score,
-                    "most_similar": similar[0][0] if similar else None,
-                }
+                    reason="not_novel",
+                    instruction=extracted,
+                    max_rouge=score,
+                    most_similar=similar[0][0] if similar else None,
+                )
             )
             return None
         novelty.add(extracted)
@@ -478,149 +687,230 @@ class Pipeline:
         self._event("instructions", "accepted", type=kind, attempt=attempt)
         return _Instruction(kind, len(accepted) - 1, attempt, extracted, score)
 
-    def _reject_now(self, record: dict[str, Any]) -> None:
-        self._reject(record)
-        self.summary.count(record["stage"], "rejected", record["reason"])
-        self._event(record["stage"], "rejected", reason=record["reason"], id=record["id"])
-
     # -- steps 2 and 3 --------------------------------------------------------------------
 
     async def _instance_worker(
-        self, inbox: asyncio.Queue[_Item1], out: asyncio.Queue[_Item2]
+        self,
+        inbox: asyncio.Queue[_Instruction | None],
+        out: asyncio.Queue[_Instance | None],
     ) -> None:
         while (item := await inbox.get()) is not None:
             result = await self._instance(item)
-            if isinstance(result, _Outcome):
-                self._committer.offer(item.kind, item.index, result)
-            else:
+            if isinstance(result, _Instance):
                 await out.put(result)
+            else:
+                await self._committer.offer(item.kind, item.index, result)
 
     async def _instance(self, item: _Instruction) -> _Instance | _Outcome:
-        s = self.settings
+        settings = self.settings
+        decided = self.sink.decided((settings.seed, item.kind, item.index))
+        if decided is not None:
+            return _Present(None, decided)
         instruction = clean_instruction(item.stored)
-        prompt = build_instance_prompt(item.kind, item.stored, drop_eos=not s.keep_eos)
-        request = s.instance_decoding.request(
-            prompt, seed=derive_seed(s.seed, "instance", item.kind, item.index)
+        prompt = build_instance_prompt(item.kind, item.stored, drop_eos=not settings.keep_eos)
+        request = settings.instance_decoding.request(
+            prompt, seed=derive_seed(settings.seed, "instance", item.kind, item.index)
         )
-        base = {"stage": "instances", "type": item.kind, "instruction": instruction}
+        base: dict[str, Any] = {
+            "stage": "instances",
+            "type": item.kind,
+            "seed": settings.seed,
+            "instruction_index": item.index,
+            "instruction": instruction,
+        }
         try:
             completion = (await self.writer.generate(request))[0]
         except BackendError as exc:
             reason = f"backend_error:{type(exc).__name__}"
-            rid = _reject_id(s.seed, "instances", item.kind, item.index, instruction)
-            return _Outcome("reject", {"id": rid, **base, "reason": reason, "error": str(exc)})
+            if unavailable(exc):
+                return Deferred(
+                    stage="instances",
+                    type=item.kind,
+                    reason=f"unavailable:{type(exc).__name__}",
+                    seed=settings.seed,
+                    instruction_index=item.index,
+                    instruction=instruction,
+                    members=(self.writer.name,),
+                )
+            rid = _reject_id(settings.seed, "instances", item.kind, item.index, instruction)
+            return Reject(id=rid, **base, reason=reason, error=str(exc))
         parsed = parse_instance(
             item.kind,
             completion.text,
-            first_line_only=s.first_line_only,
-            reject_empty_input=s.reject_empty_input,
+            first_line_only=settings.first_line_only,
+            reject_empty_input=settings.reject_empty_input,
         )
         if isinstance(parsed, Rejection):
-            rid = _reject_id(s.seed, "instances", item.kind, item.index, completion.text)
-            return _Outcome(
-                "reject", {"id": rid, **base, "reason": parsed.reason, "text": completion.text}
-            )
+            rid = _reject_id(settings.seed, "instances", item.kind, item.index, completion.text)
+            return Reject(id=rid, **base, reason=parsed.reason, text=completion.text)
         assert isinstance(parsed, ParsedInstance)
         self.summary.count("instances", "accepted")
         self._event("instances", "accepted", type=item.kind)
         rid = record_id(item.kind, instruction, parsed.input)
         if self.sink.has(rid):
-            return _Outcome("skip", {"id": rid})
+            return _Present(rid, "record")
         return _Instance(item, rid, instruction, parsed.input, parsed.output, completion)
 
     # -- steps 4 and 5 --------------------------------------------------------------------
 
-    async def _answer_worker(self, inbox: asyncio.Queue[_Item2]) -> None:
-        while (inst := await inbox.get()) is not None:
-            outcome = await self._answer(inst)
-            self._committer.offer(inst.item.kind, inst.item.index, outcome)
+    async def _answer_worker(self, inbox: asyncio.Queue[_Instance | None]) -> None:
+        while (instance := await inbox.get()) is not None:
+            outcome = await self._answer(instance)
+            await self._committer.offer(instance.item.kind, instance.item.index, outcome)
 
-    async def _answer(self, inst: _Instance) -> _Outcome:
-        s = self.settings
-        writer_candidate = {
-            "index": 0,
-            "source": self.writer.name,
-            "status": "given",
-            "text": inst.output,
-            "error": None,
-            "finish_reason": inst.completion.finish_reason,
-            "completion_tokens": inst.completion.completion_tokens,
-            "prompt_style": "instance",
-        }
-        if self.ensemble is None:
-            selection = select([inst.output], threshold=s.consensus_threshold)
-            candidates = [writer_candidate]
-            decision = {**selection.to_dict(), "policy": s.consensus_policy}
-        else:
-            seed = derive_seed(s.seed, "answer", inst.item.kind, inst.item.index)
-            prompts = {
-                style: build_step4_prompt(style, inst.item.kind, inst.instruction, inst.input)
-                for style in set(self.prompt_styles)
-            }
-            requests = [
-                s.answer_decoding.request(prompts[style], seed=seed) for style in self.prompt_styles
-            ]
-            result = await self.ensemble.run(
-                requests, given=[(self.writer.name, inst.output)], item_index=inst.item.index
+    def _candidate(
+        self,
+        index: int,
+        source: str,
+        status: str,
+        text: str | None,
+        *,
+        completion: Completion | None = None,
+        error: str | None = None,
+        style: str,
+    ) -> CandidateRecord:
+        served = self.served_by.get(source)
+        return CandidateRecord(
+            index=index,
+            source=source,
+            status=status,
+            text=text,
+            error=error,
+            finish_reason=None if completion is None else completion.finish_reason,
+            completion_tokens=None if completion is None else completion.completion_tokens,
+            prompt_style=style,
+            model=None if completion is None else completion.model,
+            backend=None if served is None else served.backend,
+            host=None if served is None else served.host,
+        )
+
+    def _from_ensemble(self, c: Candidate, style: PromptStyle) -> CandidateRecord:
+        return self._candidate(
+            c.index, c.source, c.status, c.text, completion=c.completion, error=c.error, style=style
+        )
+
+    async def _writer_answer(self, request_prompt: str, seed: int) -> CandidateRecord:
+        """The writer's own answer, for provenance only."""
+        settings = self.settings
+        style = _style(self.writer)
+        request = settings.answer_decoding.request(request_prompt, seed=seed)
+        try:
+            completion = (await self.writer.generate(request))[0]
+        except BackendError as exc:
+            status = "circuit_open" if isinstance(exc, CircuitOpenError) else "failed"
+            return self._candidate(
+                -1,
+                self.writer.name,
+                status,
+                None,
+                error=f"{type(exc).__name__}: {exc}",
+                style=style,
             )
-            candidates = [writer_candidate] + [
-                _candidate(c, style)
-                for c, style in zip(result.candidates[1:], self.prompt_styles, strict=True)
-            ]
-            selection = result.decision.selection
-            decision = {
-                **selection.to_dict(),
-                "policy": s.consensus_policy,
-                "complete": s.consensus_complete,
-            }
-            self.summary.count("answers", "accepted")
-            failed = sum(c.status != "ok" for c in result.candidates[1:])
-            self._event("answers", "accepted", type=inst.item.kind, failed=failed)
-        provenance = {
-            "writer": self.writer.name,
-            "instruction_attempt": inst.item.attempt,
-            "instruction_index": inst.item.index,
-            "novelty_max_rouge": inst.item.novelty,
-            "candidates": candidates,
-            "decision": decision,
-            "preset": s.name,
-            "seed": s.seed,
+        return self._candidate(
+            -1, self.writer.name, "ok", completion.text, completion=completion, style=style
+        )
+
+    async def _answer(self, instance: _Instance) -> _Outcome:
+        settings = self.settings
+        kind, index = instance.item.kind, instance.item.index
+        given = self._candidate(
+            0,
+            self.writer.name,
+            "given",
+            instance.output,
+            completion=instance.completion,
+            style="instance",
+        )
+        seed = derive_seed(settings.seed, "answer", kind, index)
+        styles = set(self.prompt_styles) | (
+            {_style(self.writer)} if self.writer_answers_too else set()
+        )
+        prompts = {
+            style: build_step4_prompt(style, kind, instance.instruction, instance.input)
+            for style in styles
         }
+        writer_answer: asyncio.Task[CandidateRecord] | None = None
+        if self.writer_answers_too:
+            writer_answer = asyncio.create_task(
+                self._writer_answer(prompts[_style(self.writer)], seed)
+            )
+        try:
+            selection: Selection
+            if self.ensemble is None:
+                selection = select([instance.output], threshold=settings.consensus_threshold)
+                candidates = [given]
+                decision = {**selection.to_dict(), "policy": settings.consensus_policy}
+                missing: list[str] = []
+            else:
+                requests = [
+                    settings.answer_decoding.request(prompts[style], seed=seed)
+                    for style in self.prompt_styles
+                ]
+                result = await self.ensemble.run(
+                    requests, given=[(self.writer.name, instance.output)], item_index=index
+                )
+                answered = result.candidates[1:]
+                candidates = [given] + [
+                    self._from_ensemble(c, style)
+                    for c, style in zip(answered, self.prompt_styles, strict=True)
+                ]
+                selection = result.decision.selection
+                decision = {
+                    **selection.to_dict(),
+                    "policy": settings.consensus_policy,
+                    "complete": settings.consensus_complete,
+                }
+                missing = [c.source for c in answered if _candidate_unavailable(c)]
+                self.summary.count("answers", "accepted")
+                failed = sum(c.status != "ok" for c in answered)
+                self._event("answers", "accepted", type=kind, failed=failed)
+            own_answer = None if writer_answer is None else await writer_answer
+        finally:
+            if writer_answer is not None and not writer_answer.done():
+                writer_answer.cancel()
+        if self.voices - len(missing) < self.min_candidates:
+            return Deferred(
+                stage="answers",
+                type=kind,
+                reason="unavailable:" + ",".join(missing),
+                seed=settings.seed,
+                instruction_index=index,
+                instruction=instance.instruction,
+                members=tuple(missing),
+            )
+        provenance = Provenance(
+            writer=self.writer.name,
+            instruction_attempt=instance.item.attempt,
+            instruction_index=index,
+            novelty_max_rouge=instance.item.novelty,
+            candidates=tuple(candidates),
+            decision=decision,
+            preset=settings.name,
+            seed=settings.seed,
+            writer_answer=own_answer,
+            library_version=__version__,
+            created_at=self.clock(),
+            fingerprint=self.fingerprint,
+        )
         if selection.index is None or selection.text is None:
-            return _Outcome(
-                "reject",
-                {
-                    "id": inst.id,
-                    "stage": "consensus",
-                    "reason": selection.rule,
-                    "type": inst.item.kind,
-                    "instruction": inst.instruction,
-                    "input": inst.input,
-                    "provenance": provenance,
-                },
+            return Reject(
+                id=instance.id,
+                stage="consensus",
+                reason=selection.rule,
+                type=kind,
+                instruction=instance.instruction,
+                input=instance.input,
+                provenance=provenance,
             )
-        return _Outcome(
-            "record",
-            {
-                "id": inst.id,
-                "type": inst.item.kind,
-                "instruction": inst.instruction,
-                "input": inst.input,
-                "output": selection.text,
-                "provenance": provenance,
-            },
+        return Record(
+            id=instance.id,
+            type=kind,
+            instruction=instance.instruction,
+            input=instance.input,
+            output=selection.text,
+            provenance=provenance,
         )
 
 
-def _candidate(c: Candidate, style: PromptStyle) -> dict[str, Any]:
-    """A candidate for provenance, without timings (records must not depend on timing)."""
-    return {
-        "index": c.index,
-        "source": c.source,
-        "status": c.status,
-        "text": c.text,
-        "error": c.error,
-        "finish_reason": None if c.completion is None else c.completion.finish_reason,
-        "completion_tokens": None if c.completion is None else c.completion.completion_tokens,
-        "prompt_style": style,
-    }
+def _style(member: Member) -> PromptStyle:
+    return "zero_shot" if getattr(member, "instruction_tuned", True) else "few_shot"

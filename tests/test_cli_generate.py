@@ -396,10 +396,17 @@ def test_generate_exits_3_when_every_backend_fails(
     code = cli.main(["generate", "--config", str(cfg), "--quiet", "--output", str(out)])
     assert code == cli.EXIT_BACKENDS_FAILED
     assert "every backend failed" in capsys.readouterr().err
-    # --output moved the records and the derived rejects file
+    # --output moved the records and the derived files; an unreachable writer decides
+    # nothing: both kinds are deferred (to the next run), not rejected
     assert out.exists() and out.read_text() == ""
-    rejects = read_jsonl(tmp_path / "elsewhere" / "data.rejects.jsonl")
-    assert rejects and not (tmp_path / "r.jsonl").exists()
+    assert read_jsonl(tmp_path / "elsewhere" / "data.rejects.jsonl") == []
+    deferred = read_jsonl(tmp_path / "elsewhere" / "data.deferred.jsonl")
+    assert {(d["stage"], d["type"], d["attempt"]) for d in deferred} == {
+        ("instructions", "input_output", 0),
+        ("instructions", "output", 0),
+    }
+    assert all(d["reason"] == "unavailable:ConnectError" for d in deferred)
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_bad_seed_line_exits_2_naming_file_and_line(

@@ -19,40 +19,24 @@ from ensemble_async.pipeline import Pipeline, PipelineSummary, derive_seed, reco
 from ensemble_async.presets import PipelineSettings
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.seedtasks import load_seed_tasks
+from ensemble_async.sink import AsyncRecordWriter
 from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
 
 
 class FileSink:
-    """A minimal JSONL sink (records + rejects) that satisfies ``RecordSink``."""
+    """The pipeline's real sink (``AsyncRecordWriter``) with what the tests look at."""
 
-    def __init__(self, path: Path, preset_ids: set[str] | None = None) -> None:
-        self.path = path
-        self.rejects_path = path.with_suffix(".rejects.jsonl")
-        self.ids: set[str] = set(preset_ids or ())
-        self.reject_ids: set[str] = set()
-        self.written: list[str] = []
+    def __init__(self, writer: AsyncRecordWriter) -> None:
+        self.writer = writer
+        self.path = writer.path
+        self.rejects_path = writer.rejects_path
+        self.deferred_path = writer.deferred_path
+        self.summary_path = writer.summary_path
 
-    def has(self, id: str) -> bool:
-        return id in self.ids
 
-    def write(self, record: dict[str, Any]) -> bool:
-        if record["id"] in self.ids:
-            return False
-        self.ids.add(record["id"])
-        self.written.append(record["id"])
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return True
-
-    def reject(self, record: dict[str, Any]) -> bool:
-        if record["id"] in self.reject_ids:
-            return False
-        self.reject_ids.add(record["id"])
-        with self.rejects_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return True
+FIXED_CLOCK = "2026-01-01T00:00:00Z"
 
 
 @dataclass
@@ -104,24 +88,27 @@ async def run(
     name: str,
     *,
     preset: str = "default",
-    preset_ids: set[str] | None = None,
+    preset_lines: list[str] | None = None,
     **overrides: Any,
 ) -> tuple[PipelineSummary, FileSink, EventLog, Roles]:
     overrides.setdefault("targets", dict(TARGETS))
     settings = PipelineSettings.preset(preset, **overrides)
-    sink = FileSink(tmp / f"{name}.jsonl", preset_ids)
     log = EventLog([])
-    async with roles() as r:
+    path = tmp / f"{name}.jsonl"
+    if preset_lines is not None:
+        path.write_text("".join(preset_lines), encoding="utf-8")
+    async with roles() as r, await AsyncRecordWriter.open(path) as writer:
         pipeline = Pipeline(
             writer=r.writer,
             answerers=r.answerers,
             seeds=load_seed_tasks(),
             settings=settings,
-            sink=sink,
+            sink=writer,
             events=log,
+            clock=lambda: FIXED_CLOCK,
         )
         summary = await pipeline.run()
-    return summary, sink, log, r
+    return summary, FileSink(writer), log, r
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -210,14 +197,17 @@ async def test_stages_stream_into_each_other(tmp_path: Path) -> None:
 
 async def test_resume_writes_only_the_missing_records(tmp_path: Path) -> None:
     _, full, _, _ = await run(tmp_path, "full")
-    records = _records(full.path)
+    lines = full.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
     done = {rec["id"] for rec in records[::3]}
-    summary, resumed, _, _ = await run(tmp_path, "resumed", preset_ids=done)
-    assert set(resumed.written) == {rec["id"] for rec in records} - done
+    kept = [line for line, rec in zip(lines, records, strict=True) if rec["id"] in done]
+    summary, resumed, _, _ = await run(tmp_path, "resumed", preset_lines=kept)
     assert summary.records_written == len(records) - len(done)
     assert summary.records_present == len(done)
-    # the resumed file holds exactly the missing records, in the same order
-    assert [rec for rec in records if rec["id"] not in done] == _records(resumed.path)
+    # the resumed file holds the records it had, then exactly the missing ones in order
+    after = _records(resumed.path)
+    assert after[: len(done)] == [rec for rec in records if rec["id"] in done]
+    assert after[len(done) :] == [rec for rec in records if rec["id"] not in done]
 
 
 async def test_paper_preset_keeps_eos_until_step_3(tmp_path: Path) -> None:

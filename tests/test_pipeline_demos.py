@@ -3,12 +3,13 @@ instruction-tuned one the zero-shot ``instruction + "\\n" + input``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -16,6 +17,7 @@ from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.member import Member
 from ensemble_async.pipeline import Pipeline, PipelineSummary
 from ensemble_async.presets import PipelineSettings
+from ensemble_async.records import Deferred, Record, Reject, Slot
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.seedtasks import load_seed_tasks
 from ensemble_async.templates import (
@@ -52,22 +54,37 @@ class FewShotAware:
 
 
 class ListSink:
+    """An in-memory ``RecordSink``: records and rejects as their JSON objects."""
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.rejects: list[dict[str, Any]] = []
+        self.deferred: list[Deferred] = []
+        self.summary: dict[str, Any] = {}
 
-    def has(self, id: str) -> bool:
-        return any(r["id"] == id for r in self.records)
+    def has(self, record_id: str) -> bool:
+        return any(r["id"] == record_id for r in self.records)
 
-    def write(self, record: dict[str, Any]) -> bool:
-        if self.has(record["id"]):
-            return False
-        self.records.append(record)
-        return True
+    def decided(self, slot: Slot) -> Literal["record", "reject"] | None:
+        return None
 
-    def reject(self, record: dict[str, Any]) -> bool:
-        self.rejects.append(record)
-        return True
+    async def submit(self, entry: Record | Reject) -> asyncio.Future[bool]:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if isinstance(entry, Record):
+            new = not self.has(entry.id)
+            if new:
+                self.records.append(entry.to_json())
+        else:
+            new = True
+            self.rejects.append(entry.to_json())
+        done.set_result(new)
+        return done
+
+    async def write_deferred(self, items: Sequence[Deferred]) -> None:
+        self.deferred = list(items)
+
+    async def write_summary(self, summary: Mapping[str, Any]) -> None:
+        self.summary = dict(summary)
 
 
 @dataclass
@@ -105,6 +122,7 @@ async def pipeline_run(
             seeds=load_seed_tasks(),
             settings=PipelineSettings.preset("default", **overrides),
             sink=sink,
+            clock=lambda: "2026-01-01T00:00:00Z",
         )
         summary = await pipeline.run()
         yield pipeline, Doubles(w, t, b), summary
