@@ -382,7 +382,7 @@ async def _check_manifest(
     async def served_model(member: Member) -> str | None:
         try:
             async with asyncio.timeout(member.timeout_s):
-                return (await member.backend.info()).model
+                return (await info_of(member.backend)).model
         except (BackendError, TimeoutError):
             return None
 

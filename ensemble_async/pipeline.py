@@ -200,7 +200,7 @@ def unavailable(exc: BaseException) -> bool:
 
 
 def _candidate_unavailable(c: Candidate) -> bool:
-    if c.status == "circuit_open":
+    if c.status in ("circuit_open", "unavailable"):
         return True
     if c.status != "failed" or not c.error:
         return False
@@ -442,6 +442,8 @@ class Pipeline:
                 if complete or settings.consensus_policy == "deadline"
                 else None,
                 max_items_in_flight=settings.answer_concurrency,
+                # Voices = the writer's given candidate plus every answerer, as here.
+                min_candidates=self.min_candidates,
             )
         else:
             self.ensemble = None

@@ -213,7 +213,7 @@ async def test_fewer_candidates_may_decide_when_allowed(tmp_path: Path) -> None:
     assert summary.deferred == 0 and summary.records_written > 0
     for r in _lines(out):
         a2 = r["provenance"]["candidates"][2]
-        assert a2["status"] == "failed" and a2["error"].startswith("ConnectError")
+        assert a2["status"] == "unavailable" and a2["error"].startswith("ConnectError")
 
 
 async def test_a_request_failing_for_its_own_reason_is_a_candidate_failure(

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..backend import Backend
+from ..backend import Backend, health_of, info_of
 from ..registry import create_backend
 from ..scoring import CompletionScore, Scorer, ScoreRequest, ScoringUnsupportedError
 from ..types import BackendInfo, Completion, GenerationRequest, Health
@@ -44,10 +44,10 @@ class BackendHost:
         await backend.check_scoring()
 
     async def info(self) -> BackendInfo:
-        return await self._backend.info()
+        return await info_of(self._backend)
 
     async def health(self) -> Health:
-        return await self._backend.health()
+        return await health_of(self._backend)
 
     def pid(self) -> int:
         """The actor's process id (tests kill it to prove recovery)."""
