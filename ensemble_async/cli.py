@@ -1,23 +1,28 @@
 """``python -m ensemble_async``: the command-line runner.
 
+Layer: the top.  This module parses arguments, calls ``ensemble_async.assemble`` (which
+builds everything a command runs with) and prints; it builds no backend or member
+itself.
+
 Subcommands:
 
-* ``ask [PROMPT] [--member KIND=URL_OR_MODEL,...]``: one prompt through the ensemble
-  (the default command);
-* ``generate [--config X.toml] [--quiet | --log-jsonl PATH] [--output PATH]``: the
-  Ensemble-Instruct pipeline (without ``--config``: the embedded default, two local
+* ``ask [PROMPT] [--member KIND[=URL_OR_MODEL][,key=value...]]``: one prompt through the
+  ensemble (the default command);
+* ``generate [--config X.toml] [--quiet | --log-jsonl PATH] [--output PATH] [--limit N]``:
+  the Ensemble-Instruct pipeline (without ``--config``: the embedded default, two local
   models); resumable: rerun the same command after a crash and it continues;
-* ``check --config X.toml``: reach every configured backend (health, model, latency of
-  a 1-token request);
+* ``check --config X.toml``: reach every configured backend (health, model served,
+  latency of a 1-token request);
 * ``consensus IN.jsonl [--out OUT.jsonl] [--threshold T]``: re-run step 5 on lines
   that carry ``candidates``;
 * ``export --format alpaca|chat IN OUT``: records to training formats;
 * ``backends``: the registered backend kinds.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
-(the message names the file, key or line); 3 backends unreachable (``check``) or every
-backend failed; 4 the output cannot be written; 130 interrupted (Ctrl-C or SIGTERM: the
-run is cancelled, finished records are on disk, sessions are closed).
+(the message names the file, key or line); 3 a backend cannot serve (``check``, the
+probe before ``generate``) or every backend failed; 4 the output cannot be written;
+130 interrupted (Ctrl-C or SIGTERM, any subcommand: the run is cancelled, finished
+records are on disk, sessions are closed, no half-written file is left).
 """
 
 from __future__ import annotations
@@ -27,40 +32,43 @@ import asyncio
 import contextlib
 import errno
 import json
-import os
+import math
 import signal
 import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.table import Table
 
-from .backend import Backend
+from .assemble import (
+    MemberCannotServe,
+    Probe,
+    ask_ensemble,
+    check,
+    embedded_config,
+    load_seeds,
+    open_run,
+)
+from .atomicfile import AtomicWriteError, write_text
 from .config import (
+    BackendConfig,
     Config,
     ConfigError,
     OutputError,
-    build_members,
     check_environment,
     check_output_writable,
-    create_backends,
-    default_config,
     load_config,
+    member_configs,
+    output_path,
 )
 from .consensus import select
-from .ensemble import Ensemble
-from .errors import BackendError, UnknownBackendError
 from .member import Member
 from .progress import Mode, Progress
-from .registry import backend_kinds, create_backend
-from .retry import RetryPolicy
-from .secret import MissingSecretError
-from .seedtasks import SeedFormatError, load_seed_tasks
+from .registry import ALIASES, backend_kinds
+from .seedtasks import SeedTask
 from .types import ChatMessage, GenerationRequest
 
 EXIT_OK = 0
@@ -71,71 +79,51 @@ EXIT_OUTPUT = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_PROMPT = "Give three short tips for writing clear instructions."
+MAX_CANDIDATES = 1024
+"""Most candidates ``consensus`` accepts on one line (pairwise ROUGE-L is quadratic)."""
+
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
     """Bad command-line input; the message names what is wrong."""
 
 
-@dataclass(frozen=True)
-class MemberSpec:
-    kind: str
-    options: dict[str, Any]
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` runs (temporary files removed,
+    sessions closed) and the command exits 130."""
 
 
-def parse_member(text: str) -> MemberSpec:
-    """``KIND=URL_OR_MODEL[,key=value...]``, e.g. ``tgi=http://gpu1:8080`` or
-    ``openai=http://gpu2:8000,model=meta-llama/Llama-3.1-8B,api_key_env=VLLM_KEY``."""
-    kind, sep, rest = text.partition("=")
-    if not sep or not kind or not rest:
-        raise UsageError(f"--member {text!r}: expected KIND=URL_OR_MODEL[,key=value...]")
-    target, *pairs = rest.split(",")
-    options: dict[str, Any] = {"model" if kind == "transformers" else "url": target}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--member {text!r}: option {pair!r} is not key=value")
-        options[key] = _coerce(value)
-    return MemberSpec(kind, options)
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run`` with SIGTERM cancelling the main task (like Ctrl-C does), so the
+    run unwinds through its ``async with`` blocks; ``asyncio.CancelledError`` comes out."""
+
+    async def guarded() -> _T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        installed = False
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+                installed = True
         try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
+            return await coro
+        finally:
+            if installed:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signal.SIGTERM)
+                # remove_signal_handler resets to the default action; keep ours
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    return asyncio.run(guarded())
 
 
-def default_members() -> list[MemberSpec]:
-    """The embedded default ensemble: the two small local models from PyPI."""
-    from .models import embedded_backend_options, embedded_models
-
-    return [MemberSpec("transformers", embedded_backend_options(m.key)) for m in embedded_models()]
-
-
-def _build(specs: Sequence[MemberSpec]) -> list[Backend]:
-    backends: list[Backend] = []
-    names: set[str] = set()
-    for i, spec in enumerate(specs):
-        options = dict(spec.options)
-        name = str(options.get("name") or f"{spec.kind}-{i}")
-        if name in names:
-            name = f"{name}-{i}"
-        names.add(name)
-        options["name"] = name
-        try:
-            backends.append(create_backend(spec.kind, **options))
-        except UnknownBackendError as exc:
-            raise UsageError(str(exc)) from None
-        except MissingSecretError as exc:
-            raise UsageError(f"member {name}: {exc}") from None
-        except TypeError as exc:
-            raise UsageError(f"member {name} ({spec.kind}): bad option: {exc}") from None
-    return backends
+# ----------------------------------------------------------------------------- ask
 
 
 def _request(args: argparse.Namespace) -> GenerationRequest:
@@ -151,33 +139,32 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
         raise UsageError(str(exc)) from None
 
 
-def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
-    """The ``--member`` options, or the embedded default (this may assemble a model file:
-    call it before the event loop starts)."""
+def member_specs(args: argparse.Namespace) -> list[BackendConfig]:
+    """The ``--member`` options, or every backend of the embedded default (this may
+    assemble a model file: call it before the event loop starts)."""
     if args.member:
-        return [parse_member(m) for m in args.member]
-    try:
-        return default_members()
-    except FileNotFoundError as exc:  # MissingModelError says which package to install
-        raise UsageError(str(exc)) from None
+        return member_configs(args.member)
+    return list(_embedded().backends.values())
+
+
+def _check_ask(args: argparse.Namespace) -> None:
+    if args.attempts < 1:
+        raise UsageError(f"--attempts must be >= 1, got {args.attempts}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a number > 0, got {args.timeout}")
 
 
 async def _run_ask(
-    args: argparse.Namespace, console: Console, specs: Sequence[MemberSpec] | None = None
+    args: argparse.Namespace, console: Console, specs: Sequence[BackendConfig] | None = None
 ) -> int:
+    _check_ask(args)
     specs = member_specs(args) if specs is None else specs
     request = _request(args)
-    backends = _build(specs)
-    # Every candidate is shown, so wait for all of them (up to the timeout).
-    ensemble = Ensemble(
-        [Member(b, retry=RetryPolicy(max_attempts=args.attempts)) for b in backends],
-        policy="deadline",
-        deadline_s=args.timeout,
-    )
+    ensemble = ask_ensemble(specs, attempts=args.attempts, deadline_s=args.timeout)
     async with ensemble:
         result = await ensemble.run(request)
 
-    table = Table(title=f"{len(backends)} members, {result.wall_s:.2f} s", show_lines=True)
+    table = Table(title=f"{len(specs)} members, {result.wall_s:.2f} s", show_lines=True)
     for column in ("#", "member", "candidate", "finish", "tokens", "latency"):
         table.add_column(column)
     for c in result.candidates:
@@ -212,21 +199,27 @@ async def _run_ask(
 # ------------------------------------------------------------------------- generate
 
 
+def _embedded() -> Config:
+    try:
+        return embedded_config()
+    except FileNotFoundError as exc:  # MissingModelError says which package to install
+        raise UsageError(str(exc)) from None
+
+
 def _load(args: argparse.Namespace) -> Config:
     """The config named by ``--config``, else the embedded default.  The default resolves
     (and may assemble) the model files: this runs before the event loop starts."""
     if args.config is not None:
         return load_config(args.config)
-    try:
-        return default_config()
-    except FileNotFoundError as exc:  # MissingModelError says which package to install
-        raise UsageError(str(exc)) from None
+    return _embedded()
 
 
 def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, TextIO | None]:
     if args.log_jsonl is not None:
         if args.log_jsonl == "-":
             return "jsonl", None
+        if not args.log_jsonl.strip():
+            raise UsageError("--log-jsonl: must not be empty (a file, or '-' for stderr)")
         path = Path(args.log_jsonl)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,24 +232,25 @@ def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, TextIO
 
 
 def run_generate(args: argparse.Namespace, err: Console) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     config = _load(args)
     if args.output is not None:
-        config = config.with_output(args.output)
+        config = config.with_output(output_path(args.output, source="--output", key=None))
+    if args.limit is not None:
+        config = config.with_limit(args.limit)
     check_environment(config)  # before anything is created on disk
     check_output_writable(config)
-    settings = config.settings()
-    try:
-        seeds = load_seed_tasks(config.run.seeds)
-    except SeedFormatError as exc:
-        raise UsageError(str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(config.source, "run.seeds", f"{exc.strerror or exc}") from None
+    seeds = load_seeds(config)
     mode, log_file = _progress_mode(args, err)
     try:
         try:
-            return asyncio.run(
-                generate(config, settings, seeds, mode=mode, console=err, log=log_file)
-            )
+            return _run_async(generate(config, seeds, mode=mode, console=err, log=log_file))
+        except MemberCannotServe as exc:
+            for probe in exc.probes:
+                err.print(f"[red]error:[/red] {probe.problem()}", highlight=False)
+            err.print("nothing was written; fix the member(s) above and rerun", highlight=False)
+            return EXIT_BACKENDS_FAILED
         except BaseException as exc:
             storage = storage_failure(exc)
             if storage is None:
@@ -274,97 +268,41 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
 
 async def generate(
     config: Config,
-    settings: Any,
-    seeds: Sequence[Any],
+    seeds: Sequence[SeedTask],
     *,
     mode: Mode = "quiet",
     console: Console | None = None,
     log: TextIO | None = None,
 ) -> int:
-    """Run the pipeline for ``config``: members, cache and record files opened and
-    closed here.  SIGTERM cancels the run like Ctrl-C (records written so far stay)."""
-    from .pipeline import Pipeline
-
+    """Run the pipeline for ``config`` (``assemble.open_run`` opens and closes the
+    members, cache and record files; this shows progress and the summary)."""
     console = console or Console(stderr=True)
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        if task is not None:
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            cache = None
-            if config.run.cache:
-                cache = await stack.enter_async_context(_open_cache(config))
-            writer, answerers = build_members(config, cache=cache)
-            members = list(dict.fromkeys([writer, *answerers]))
-            for member in members:
-                stack.push_async_callback(member.aclose)
-            sink = stack.enter_context(_open_records(config))
-            progress = Progress(
-                mode,
-                members=members,
-                targets={"instructions": sum(config.run.targets.to_dict().values())},
-                console=console,
-                log=log,
+    async with open_run(config) as run:
+        progress = Progress(
+            mode,
+            members=run.members,
+            targets={"instructions": sum(config.run.targets.to_dict().values())},
+            console=console,
+            log=log,
+        )
+        if mode == "jsonl":
+            progress.log_start(
+                config=config.source,
+                output=str(config.run.output),
+                existing_records=run.sink.count,
+                backends=[config.backends[m.name].describe() for m in run.members],
             )
-            if mode == "jsonl":
-                progress.log_start(
-                    config=config.source,
-                    output=str(config.run.output),
-                    existing_records=sink.count,
-                    backends=[config.backends[m.name].describe() for m in members],
-                )
-            try:
-                async with progress:
-                    for member in members:
-                        await member.start()
-                    pipeline = Pipeline(
-                        writer=writer,
-                        answerers=answerers,
-                        seeds=seeds,
-                        settings=settings,
-                        sink=sink,
-                        events=progress,
-                    )
-                    summary = await pipeline.run()
-            except asyncio.CancelledError:
-                progress.summary(status="interrupted")
-                raise
-            progress.summary(summary)
-            if _all_failed(members):
-                console.print("[red]every backend failed[/red]")
-                return EXIT_BACKENDS_FAILED
-            return EXIT_OK
-    finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGTERM)
-
-
-@contextlib.asynccontextmanager
-async def _open_cache(config: Config) -> AsyncIterator[Any]:
-    from .cache import CacheError, ResponseCache
-
-    try:
-        cache = ResponseCache(config.run.cache_file)
-    except CacheError as exc:
-        raise OutputError(config.source, "run.cache_path", str(exc)) from None
-    try:
-        yield cache
-    finally:
-        await cache.aclose()
-
-
-@contextlib.contextmanager
-def _open_records(config: Config) -> Iterator[Any]:
-    from .records import RecordFileError, RecordWriter
-
-    try:
-        writer = RecordWriter(config.run.output, rejects_path=config.run.rejects_path)
-    except RecordFileError as exc:
-        raise OutputError(config.source, "run.output", str(exc)) from None
-    with writer:
-        yield writer
+        try:
+            async with progress:
+                summary = await run.pipeline(seeds, events=progress).run()
+        except asyncio.CancelledError:
+            progress.summary(status="interrupted")
+            raise
+        progress.summary(summary)
+        if _all_failed(run.members):
+            console.print("[red]every backend failed[/red]")
+            return EXIT_BACKENDS_FAILED
+        return EXIT_OK
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
@@ -405,75 +343,11 @@ def _all_failed(members: Sequence[Member]) -> bool:
 # ---------------------------------------------------------------------------- check
 
 
-@dataclass
-class Probe:
-    name: str
-    kind: str
-    target: str
-    healthy: bool = False
-    health_detail: str = ""
-    model: str | None = None
-    latency_s: float | None = None
-    error: str | None = None
-
-    @property
-    def reachable(self) -> bool:
-        return self.healthy and self.error is None
-
-
-async def probe_backend(
-    name: str, backend: Backend, target: str, kind: str, timeout: float
-) -> Probe:
-    """Health, model and the latency of a 1-token greedy request for one backend."""
-    probe = Probe(name, kind, target)
-    try:
-        async with asyncio.timeout(timeout):
-            health = await backend.health()
-        probe.healthy = health.ok
-        probe.health_detail = health.detail
-        if not health.ok:
-            return probe
-        async with asyncio.timeout(timeout):
-            info = await backend.info()
-        probe.model = info.model
-        request = GenerationRequest(prompt="Hello", max_new_tokens=1, temperature=0.0)
-        started = time.perf_counter()
-        async with asyncio.timeout(timeout):
-            await backend.generate(request)
-        probe.latency_s = time.perf_counter() - started
-    except TimeoutError:
-        probe.error = f"no answer within {timeout:g}s"
-    except BackendError as exc:
-        probe.error = f"{type(exc).__name__}: {exc}"
-    return probe
-
-
-async def check(config: Config, *, timeout: float = 30.0) -> list[Probe]:
-    names = list(config.backends)
-    backends = create_backends(config, names)
-    try:
-        return list(
-            await asyncio.gather(
-                *(
-                    probe_backend(
-                        name,
-                        backends[name],
-                        config.backends[name].url or config.backends[name].model or "",
-                        config.backends[name].kind,
-                        timeout,
-                    )
-                    for name in names
-                )
-            )
-        )
-    finally:
-        for backend in backends.values():
-            await backend.aclose()
-
-
 def run_check(args: argparse.Namespace, console: Console) -> int:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a number > 0, got {args.timeout}")
     config = _load(args)
-    probes = asyncio.run(check(config, timeout=args.timeout))
+    probes: list[Probe] = _run_async(check(config, timeout=args.timeout))
     table = Table(title=f"{config.source}: {len(probes)} backends")
     for column in ("backend", "kind", "target", "health", "model", "1-token latency", "error"):
         table.add_column(column)
@@ -489,9 +363,11 @@ def run_check(args: argparse.Namespace, console: Console) -> int:
             p.error or "",
         )
     console.print(table)
-    unreachable = [p.name for p in probes if not p.reachable]
-    if unreachable:
-        console.print(f"[red]unreachable:[/red] {', '.join(unreachable)}")
+    failed = [p for p in probes if not p.ok]
+    for p in failed:
+        console.print(p.problem(), highlight=False, soft_wrap=True)
+    if failed:
+        console.print(f"[red]unreachable:[/red] {', '.join(p.name for p in failed)}")
         return EXIT_BACKENDS_FAILED
     return EXIT_OK
 
@@ -500,18 +376,25 @@ def run_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
-    """Every line of ``path`` with its ``selection`` added; UsageError names file:line."""
+    """Every line of ``path`` with its ``selection`` added; UsageError names file:line.
+
+    A UTF-8 byte-order mark is accepted; bytes that are not UTF-8 name their line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     out: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{where}: not valid UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -521,14 +404,19 @@ def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
         candidates = obj.get("candidates")
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise UsageError(f"{where}: 'candidates' must be a list of strings")
+        if len(candidates) > MAX_CANDIDATES:
+            raise UsageError(
+                f"{where}: {len(candidates)} candidates, more than the {MAX_CANDIDATES} "
+                "one line may hold"
+            )
         selection = select(candidates, threshold=threshold)
         out.append({**obj, "selection": {**selection.to_dict(), "text": selection.text}})
     return out
 
 
 def run_consensus(args: argparse.Namespace, err: Console) -> int:
-    if not args.threshold >= 0:
-        raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     lines = consensus_lines(args.input, threshold=args.threshold)
     payload = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     if args.out is None:
@@ -543,20 +431,11 @@ def run_consensus(args: argparse.Namespace, err: Console) -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_text(path, text)
+    except AtomicWriteError as exc:
+        raise OutputError(str(path), None, str(exc).removeprefix(f"{path}: ")) from None
     except OSError as exc:
         raise OutputError(str(path), None, f"cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- export
@@ -580,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble_async",
         description="Drive several LLM servers or local models as one ensemble.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config/input, 3 backends "
-        "unreachable or every backend failed, 4 output not writable, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config/input, 3 a backend "
+        "cannot serve or every backend failed, 4 output not writable, 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command")
     p_ask = sub.add_parser(
@@ -592,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--member",
         action="append",
         default=[],
-        metavar="KIND=URL_OR_MODEL[,k=v...]",
+        metavar="KIND[=URL_OR_MODEL][,k=v...]",
         help="an ensemble member (repeatable); default: the two embedded local models",
     )
     p_ask.add_argument("--max-new-tokens", type=int, default=48)
@@ -616,7 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument(
         "--config", type=Path, help="TOML config (default: the embedded two-model ensemble)"
     )
-    p_gen.add_argument("--output", type=Path, help="records file (overrides run.output)")
+    p_gen.add_argument("--output", help="records file (overrides run.output)")
+    p_gen.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="keep at most N instructions in all (a quick preview; the config is unchanged)",
+    )
     shown = p_gen.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the summary")
     shown.add_argument(
@@ -643,6 +528,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(args: argparse.Namespace, console: Console, err: Console) -> int:
+    if args.command == "backends":
+        for kind in backend_kinds():
+            alias = ALIASES.get(kind)
+            console.print(kind if alias is None else f"{kind} (alias of {alias})")
+        return EXIT_OK
+    if args.command == "generate":
+        return run_generate(args, err)
+    if args.command == "check":
+        return run_check(args, console)
+    if args.command == "consensus":
+        return run_consensus(args, err)
+    if args.command == "export":
+        return run_export(args, console)
+    _check_ask(args)
+    specs = member_specs(args)
+    return _run_async(_run_ask(args, console, specs))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -650,21 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["ask", *(argv or [])])
     console = Console()
     err = Console(stderr=True)
+    previous: Any = None
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "backends":
-            for kind in backend_kinds():
-                console.print(kind)
-            return EXIT_OK
-        if args.command == "generate":
-            return run_generate(args, err)
-        if args.command == "check":
-            return run_check(args, console)
-        if args.command == "consensus":
-            return run_consensus(args, err)
-        if args.command == "export":
-            return run_export(args, console)
-        specs = member_specs(args)
-        return asyncio.run(_run_ask(args, console, specs))
+        return _dispatch(args, console, err)
     except OutputError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_OUTPUT
@@ -674,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,12 +39,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .pipeline import STAGES
+
 __all__ = ["MODES", "Mode", "Progress", "StageCounts"]
 
 Mode = Literal["rich", "quiet", "jsonl"]
 MODES: tuple[Mode, ...] = ("rich", "quiet", "jsonl")
 
-STAGES = ("instructions", "instances", "answers", "consensus")
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "password", "secret", "bearer")
 
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_async.assemble import build_members, embedded_config
 from ensemble_async.config import (
     Config,
     ConfigError,
     OutputError,
-    build_members,
     check_output_writable,
-    default_config,
     load_config,
 )
 
@@ -47,6 +46,7 @@ api_key_env = "EA_TEST_GPU2_KEY"
 [roles]
 writer = "gpu1"
 answerers = ["gpu1", "gpu2"]
+writer_answers = "provenance"
 
 [overrides]
 novelty_threshold = 0.6
@@ -87,6 +87,8 @@ def test_full_config_parses_into_typed_values(tmp_path: Path) -> None:
     }
     assert cfg.backends["gpu2"].api_key_env == "EA_TEST_GPU2_KEY"
     assert cfg.roles.writer == "gpu1" and cfg.roles.answerers == ("gpu1", "gpu2")
+    assert cfg.roles.writer_answers == "provenance"
+    assert cfg.roles.voting_answerers == ("gpu2",)
     with pytest.raises(AttributeError):
         cfg.run.seed = 1  # type: ignore[misc]
 
@@ -115,7 +117,7 @@ url = "http://b:2"
 ROLES = """
 [roles]
 writer = "a"
-answerers = ["a", "b"]
+answerers = ["b"]
 """
 
 
@@ -181,7 +183,7 @@ answerers = ["a", "b"]
         ),
         (BASE_BACKENDS + '[roles]\nwriter = "zz"\nanswerers = ["a"]\n', "roles.writer", "'zz'"),
         (
-            BASE_BACKENDS + '[roles]\nwriter = "a"\nanswerers = ["a", "nope"]\n',
+            BASE_BACKENDS + '[roles]\nwriter = "a"\nanswerers = ["b", "nope"]\n',
             "roles.answerers[1]",
             "undefined backend 'nope'",
         ),
@@ -243,7 +245,7 @@ async def test_build_members_shares_a_member_between_roles(
             await m.aclose()
 
 
-async def test_build_members_wraps_backends_in_the_cache(
+async def test_build_members_gives_the_cache_to_the_members(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ensemble_async.cache import CachedBackend, ResponseCache
@@ -251,11 +253,16 @@ async def test_build_members_wraps_backends_in_the_cache(
     monkeypatch.setenv("EA_TEST_GPU2_KEY", "k")
     cfg = full(tmp_path)
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        writer, answerers = build_members(cfg, cache=cache)
+        _writer, answerers = build_members(cfg, cache=cache)
         try:
-            assert all(isinstance(m.backend, CachedBackend) for m in answerers)
-            assert isinstance(writer.backend, CachedBackend)
-            assert writer.backend.cache is cache
+            for member in answerers:
+                given = getattr(member, "cache", None)
+                if given is not None:  # the cache above admission
+                    assert given is cache
+                    assert not isinstance(member.backend, CachedBackend)
+                else:  # until Member takes the cache: the wrapper
+                    assert isinstance(member.backend, CachedBackend)
+                    assert member.backend.cache is cache
         finally:
             for m in answerers:
                 await m.aclose()
@@ -289,13 +296,14 @@ def test_examples_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         assert any(b.api_key_env for b in cfg.backends.values())
 
 
-def test_default_config_uses_both_embedded_models() -> None:
+def test_embedded_config_uses_both_embedded_models() -> None:
     try:
-        cfg = default_config()
+        cfg = embedded_config()
     except FileNotFoundError as exc:
         pytest.skip(f"embedded models not installed: {exc}")
+    # one model, one vote: SmolLM2 writes, Gemma answers
     assert cfg.roles.writer == "smollm2-135m-instruct"
-    assert cfg.roles.answerers == ("smollm2-135m-instruct", "gemma3-270m")
+    assert cfg.roles.answerers == ("gemma3-270m",)
     assert cfg.backends["gemma3-270m"].instruction_tuned is False
     assert cfg.backends["smollm2-135m-instruct"].instruction_tuned is True
     assert all(b.kind == "transformers" and b.model for b in cfg.backends.values())
