@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, TextIO, overload
 
 __all__ = ["AtomicWriteError", "replacing", "write_bytes", "write_text"]
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class AtomicWriteError(OSError):
@@ -107,9 +109,13 @@ def _replacing(
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except FileNotFoundError:
             mode = 0o644
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".{target.name}.", dir=folder)
-    tmp = Path(tmp_name)
+    # The name is chosen before the file exists, so an interruption (Ctrl-C, SIGTERM
+    # turned into an exception) at any point after the file is created still knows
+    # what to remove.  A collision with someone else's file fails with FileExistsError,
+    # and that file is left alone.
+    tmp = folder / f"{prefix or f'.{target.name}.'}{secrets.token_hex(6)}"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
         f: IO[Any]
         if binary:
             f = os.fdopen(fd, "wb")
@@ -122,9 +128,10 @@ def _replacing(
         os.chmod(tmp, mode)
         check_target(target)  # it may have changed while we wrote
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except BaseException as exc:
+        if not isinstance(exc, FileExistsError):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
     _fsync_dir(folder)
 
