@@ -169,8 +169,9 @@ class Targets:
         return {"input_output": self.input_output, "output": self.output}
 
     def capped(self, limit: int) -> Targets:
-        """At most ``limit`` instructions in all (``generate --limit``): type A first."""
-        io_n = min(self.input_output, limit)
+        """At most ``limit`` instructions in all (``generate --limit``), shared between
+        the two types as evenly as their targets allow (type A gets the odd one)."""
+        io_n = min(self.input_output, limit - min(self.output, limit // 2))
         return Targets(input_output=io_n, output=min(self.output, limit - io_n))
 
 

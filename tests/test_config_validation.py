@@ -255,3 +255,22 @@ def test_an_overlong_seed_line_is_refused_with_file_and_line(
     err = " ".join(capsys.readouterr().err.split())
     assert "seeds.jsonl:3" in err and "longer than" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("io_n", "o_n", "limit", "expected"),
+    [
+        (8, 4, 2, (1, 1)),
+        (8, 4, 3, (2, 1)),
+        (1, 10, 5, (1, 4)),
+        (8, 4, 100, (8, 4)),
+        (0, 3, 2, (0, 2)),
+    ],
+)
+def test_limit_shares_the_cap_between_the_types(
+    io_n: int, o_n: int, limit: int, expected: tuple[int, int]
+) -> None:
+    from ensemble_async.config import Targets
+
+    capped = Targets(io_n, o_n).capped(limit)
+    assert (capped.input_output, capped.output) == expected
