@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .assemble import (
@@ -170,20 +171,25 @@ async def _run_ask(
     for c in result.candidates:
         if c.completion is None:
             table.add_row(
-                str(c.index), c.source, f"[red]{c.status}: {c.error or ''}[/red]", "-", "-", "-"
+                str(c.index),
+                escape(c.source),
+                "[red]" + escape(f"{c.status}: {c.error or ''}") + "[/red]",
+                "-",
+                "-",
+                "-",
             )
             continue
         done = c.completion
         mark = " [green](kept)[/green]" if result.decision.index == c.index else ""
         table.add_row(
             str(c.index),
-            c.source + mark,
-            done.text.strip(),
+            escape(c.source) + mark,
+            escape(done.text.strip()),
             done.finish_reason,
             f"{done.prompt_tokens}+{done.completion_tokens}",
             f"{done.latency_s:.2f}s",
         )
-    console.print(f"[bold]prompt:[/bold] {args.prompt}")
+    console.print(f"[bold]prompt:[/bold] {escape(args.prompt)}")
     console.print(table)
     selection = result.decision.selection
     if result.kept:
@@ -248,7 +254,7 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
             return _run_async(generate(config, seeds, mode=mode, console=err, log=log_file))
         except MemberCannotServe as exc:
             for probe in exc.probes:
-                err.print(f"[red]error:[/red] {probe.problem()}", highlight=False)
+                err.print(f"[red]error:[/red] {escape(probe.problem())}", highlight=False)
             err.print("nothing was written; fix the member(s) above and rerun", highlight=False)
             return EXIT_BACKENDS_FAILED
         except BaseException as exc:
@@ -348,26 +354,27 @@ def run_check(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--timeout must be a number > 0, got {args.timeout}")
     config = _load(args)
     probes: list[Probe] = _run_async(check(config, timeout=args.timeout))
-    table = Table(title=f"{config.source}: {len(probes)} backends")
+    table = Table(title=escape(f"{config.source}: {len(probes)} backends"))
     for column in ("backend", "kind", "target", "health", "model", "1-token latency", "error"):
         table.add_column(column)
     for p in probes:
-        health = "[green]ok[/green]" if p.healthy else f"[red]down[/red] {p.health_detail}"
+        health = "[green]ok[/green]" if p.healthy else f"[red]down[/red] {escape(p.health_detail)}"
         table.add_row(
-            p.name,
-            p.kind,
-            p.target,
+            escape(p.name),
+            escape(p.kind),
+            escape(p.target),
             health,
-            p.model or "-",
+            escape(p.model or "-"),
             "-" if p.latency_s is None else f"{p.latency_s:.3f}s",
-            p.error or "",
+            escape(p.error or ""),
         )
     console.print(table)
     failed = [p for p in probes if not p.ok]
     for p in failed:
-        console.print(p.problem(), highlight=False, soft_wrap=True)
+        console.print(p.problem(), highlight=False, soft_wrap=True, markup=False)
     if failed:
-        console.print(f"[red]unreachable:[/red] {', '.join(p.name for p in failed)}")
+        names = escape(", ".join(p.name for p in failed))
+        console.print(f"[red]unreachable:[/red] {names}")
         return EXIT_BACKENDS_FAILED
     return EXIT_OK
 
@@ -451,7 +458,9 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
         count = run(args.input, args.output)
     except ExportError as exc:
         raise UsageError(str(exc)) from None
-    console.print(f"{count} examples -> {args.output} ({args.format})", highlight=False)
+    console.print(
+        f"{count} examples -> {args.output} ({args.format})", highlight=False, markup=False
+    )
     return EXIT_OK
 
 
@@ -532,7 +541,7 @@ def _dispatch(args: argparse.Namespace, console: Console, err: Console) -> int:
     if args.command == "backends":
         for kind in backend_kinds():
             alias = ALIASES.get(kind)
-            console.print(kind if alias is None else f"{kind} (alias of {alias})")
+            console.print(kind if alias is None else f"{kind} (alias of {alias})", markup=False)
         return EXIT_OK
     if args.command == "generate":
         return run_generate(args, err)
@@ -560,10 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, console, err)
     except OutputError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_OUTPUT
     except (UsageError, ConfigError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted")

@@ -220,3 +220,17 @@ def test_sigterm_exits_130_from_export_leaving_no_temporary(tmp_path: Path) -> N
         time.sleep(0.001)
     terminate(proc)
     assert list(out_dir.iterdir()) == []  # neither a half export nor a temporary file
+
+
+def test_text_that_looks_like_markup_is_printed_as_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ask", "[/INST] say [b]hi[/b]", "--no-chat", "--attempts", "1"]
+    code = cli.main([*argv, "--member", "tgi=http://127.0.0.1:9,name=[/x]"])
+    assert code == cli.EXIT_BACKENDS_FAILED
+    out = capsys.readouterr().out
+    assert "[/INST] say [b]hi[/b]" in out and "[/x]" in out
+    bad = tmp_path / "in.jsonl"
+    bad.write_text("[/oops]\n")
+    assert cli.main(["consensus", str(bad)]) == cli.EXIT_USAGE
+    assert "in.jsonl:1: not JSON" in " ".join(capsys.readouterr().err.split())
