@@ -328,12 +328,20 @@ async def probe_backend(
 ) -> Probe:
     """Health, the model served, and the latency of one tiny request for one backend.
 
-    ``timeout`` bounds each step (None: no bound -- a local model's first call loads it).
-    A server that lists its models and not the one asked for fails without a request."""
+    ``timeout`` bounds each step (None: no bound).  A server that lists its models and
+    not the one asked for fails without a request.  A local model (no URL) gets the
+    request first: that call loads it, and only then does it report healthy."""
     probe = Probe(spec.name, spec.kind, spec.target)
     probe.wanted_model = spec.model if spec.is_server else None
     request = request or probe_request()
     try:
+        if not spec.is_server:
+            # A local model is loaded by its first call: make the tiny request first,
+            # then it can say whether it is healthy.
+            started = time.perf_counter()
+            async with asyncio.timeout(timeout):
+                await backend.generate(request)
+            probe.latency_s = time.perf_counter() - started
         async with asyncio.timeout(timeout):
             health = await backend.health()
         probe.healthy = health.ok
@@ -348,10 +356,11 @@ async def probe_backend(
         if wanted is not None and probe.served_models and wanted not in probe.served_models:
             probe.error = f"model {wanted!r} is not served"
             return probe
-        started = time.perf_counter()
-        async with asyncio.timeout(timeout):
-            await backend.generate(request)
-        probe.latency_s = time.perf_counter() - started
+        if probe.latency_s is None:
+            started = time.perf_counter()
+            async with asyncio.timeout(timeout):
+                await backend.generate(request)
+            probe.latency_s = time.perf_counter() - started
     except TimeoutError:
         probe.error = f"no answer within {timeout:g}s"
     except BackendError as exc:

@@ -180,3 +180,23 @@ async def test_open_run_opens_members_cache_and_records(
         assert run.members == [run.writer, *run.answerers]
         assert run.cache is not None and out.exists()
         assert run.pipeline(load_seeds(cfg), events=None).writer is run.writer
+
+
+class LoadsOnFirstCall(Lister):
+    """Like a local model: unhealthy until its first call loads it."""
+
+    async def health(self) -> Health:
+        return Health(ok=bool(self.requests), latency_s=0.0, detail="not started")
+
+
+async def test_a_local_model_is_loaded_by_the_probe_before_its_health_is_asked() -> None:
+    spec = BackendConfig(name="local", kind="transformers", model="/models/m")
+    backend = LoadsOnFirstCall([])
+    probe = await probe_backend(spec, backend, timeout=None)
+    assert probe.ok, probe.problem()
+    assert len(backend.requests) == 1  # one request, not one more after the health check
+    # a server is asked for its health first, and an unhealthy one gets no request
+    server = BackendConfig(name="srv", kind="openai", url="http://h")
+    cold = LoadsOnFirstCall([])
+    probe = await probe_backend(server, cold, timeout=5)
+    assert not probe.ok and cold.requests == [] and "not started" in probe.problem()
