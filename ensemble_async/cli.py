@@ -33,9 +33,10 @@ import contextlib
 import errno
 import json
 import math
+import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, TypeVar
@@ -220,18 +221,18 @@ def _load(args: argparse.Namespace) -> Config:
     return _embedded()
 
 
-def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, TextIO | None]:
+def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, Path | None]:
+    """The progress mode and the ``--log-jsonl`` file (opened only once the run starts,
+    so a run refused by the probe leaves no log file either)."""
     if args.log_jsonl is not None:
         if args.log_jsonl == "-":
             return "jsonl", None
-        if not args.log_jsonl.strip():
-            raise UsageError("--log-jsonl: must not be empty (a file, or '-' for stderr)")
+        if not args.log_jsonl.strip() or args.log_jsonl.endswith(("/", os.sep)):
+            raise UsageError("--log-jsonl: name a file, or '-' for stderr")
         path = Path(args.log_jsonl)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return "jsonl", path.open("a", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError("--log-jsonl", None, f"{path}: {exc.strerror or exc}") from None
+        if path.is_dir():
+            raise UsageError(f"--log-jsonl: {path} is a directory")
+        return "jsonl", path
     if args.quiet or not err.is_terminal:
         return "quiet", None
     return "rich", None
@@ -248,28 +249,35 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
     check_environment(config)  # before anything is created on disk
     check_output_writable(config)
     seeds = load_seeds(config)
-    mode, log_file = _progress_mode(args, err)
+    mode, log_path = _progress_mode(args, err)
     try:
-        try:
-            return _run_async(generate(config, seeds, mode=mode, console=err, log=log_file))
-        except MemberCannotServe as exc:
-            for probe in exc.probes:
-                err.print(f"[red]error:[/red] {escape(probe.problem())}", highlight=False)
-            err.print("nothing was written; fix the member(s) above and rerun", highlight=False)
-            return EXIT_BACKENDS_FAILED
-        except BaseException as exc:
-            storage = storage_failure(exc)
-            if storage is None:
-                raise
-            raise OutputError(
-                config.source,
-                "run.output",
-                f"writing stopped: {storage} (records already written are intact; free "
-                "space and rerun the same command to continue)",
-            ) from None
-    finally:
-        if log_file is not None:
-            log_file.close()
+        return _run_async(generate(config, seeds, mode=mode, console=err, log=log_path))
+    except MemberCannotServe as exc:
+        for probe in exc.probes:
+            err.print(f"[red]error:[/red] {escape(probe.problem())}", highlight=False)
+        err.print("nothing was written; fix the member(s) above and rerun", highlight=False)
+        return EXIT_BACKENDS_FAILED
+    except BaseException as exc:
+        storage = storage_failure(exc)
+        if storage is None:
+            raise
+        raise OutputError(
+            config.source,
+            "run.output",
+            f"writing stopped: {storage} (records already written are intact; free "
+            "space and rerun the same command to continue)",
+        ) from None
+
+
+@contextlib.contextmanager
+def _open_log(path: Path) -> Iterator[TextIO]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError("--log-jsonl", None, f"{path}: {exc.strerror or exc}") from None
+    with f:
+        yield f
 
 
 async def generate(
@@ -278,18 +286,20 @@ async def generate(
     *,
     mode: Mode = "quiet",
     console: Console | None = None,
-    log: TextIO | None = None,
+    log: TextIO | Path | None = None,
 ) -> int:
     """Run the pipeline for ``config`` (``assemble.open_run`` opens and closes the
-    members, cache and record files; this shows progress and the summary)."""
+    members, cache and record files; this shows progress and the summary).  ``log``:
+    where JSON-lines progress goes (a path is opened, for appending, after the probe)."""
     console = console or Console(stderr=True)
-    async with open_run(config) as run:
+    async with open_run(config) as run, contextlib.AsyncExitStack() as files:
+        stream = files.enter_context(_open_log(log)) if isinstance(log, Path) else log
         progress = Progress(
             mode,
             members=run.members,
             targets={"instructions": sum(config.run.targets.to_dict().values())},
             console=console,
-            log=log,
+            log=stream,
         )
         if mode == "jsonl":
             progress.log_start(

@@ -136,8 +136,10 @@ def test_generate_stops_with_exit_3_naming_the_member_and_model(
 ) -> None:
     out = tmp_path / "out" / "records.jsonl"
     cfg = write_config(tmp_path / "cfg.toml", wrong_model_config(servers, out))
-    code = cli.main(["generate", "--config", str(cfg), "--quiet"])
+    log = tmp_path / "logs" / "log.jsonl"
+    code = cli.main(["generate", "--config", str(cfg), "--log-jsonl", str(log)])
     assert code == cli.EXIT_BACKENDS_FAILED
+    assert not (tmp_path / "logs").exists()  # not even the progress log
     err = " ".join(capsys.readouterr().err.split())
     assert "member answerer" in err and "no-such-model" in err and "Traceback" not in err
     assert "member writer" not in err  # the healthy one is not blamed
