@@ -47,6 +47,7 @@ from ensemble_async.errors import (
     error_from_status,
 )
 from ensemble_async.http import HTTPTransport, error_message
+from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
@@ -464,3 +465,137 @@ class OpenAIBackend(BaseBackend):
             latency_s=latency,
             detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
         )
+
+    # -- scoring ------------------------------------------------------------------------
+    #
+    # A completion is scored through /v1/completions with ``echo: true``, ``logprobs: 0``
+    # and ``max_tokens: 0`` (vLLM returns the prompt alone); a server that refuses
+    # max_tokens 0 is asked again with 1 and the generated token is dropped (the choice
+    # is remembered).  The echoed tokens are split with their ``text_offset``s: a token
+    # belongs to the completion when it ends after the prompt's last character, so a
+    # token straddling the boundary counts for the completion.  Offsets count the token
+    # strings, which may begin with text the prompt lacks (a BOS token such as ``<s>``);
+    # that shift is measured at the end of the echo and taken off.  Chat requests are
+    # not scored here: the chat endpoints do not echo the rendered conversation.  The
+    # aiohttp transport is used whatever ``transport`` says.
+
+    _score_max_tokens: int = 0
+
+    async def score(self, request: ScoreRequest) -> list[CompletionScore]:
+        """One score per completion (natural-log probabilities of its tokens)."""
+        if request.prompt is None:
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r}: chat requests cannot be scored over the OpenAI "
+                "protocol (the chat endpoints do not echo the rendered conversation with "
+                "log-probabilities); score a plain prompt",
+                backend=self.name,
+            )
+        prompt = request.prompt
+        model = await self._model_id()
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._score_one(prompt, c, model))
+                    for c in request.completions
+                ]
+        except BaseExceptionGroup as failed:  # the first failure cancelled the others
+            raise failed.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    async def check_scoring(self) -> None:
+        """Send one tiny scoring request; ScoringUnsupportedError when it cannot work."""
+        try:
+            await self.score(ScoreRequest(prompt="Scoring check:", completions=(" ok",)))
+        except ScoringUnsupportedError:
+            raise
+        except BackendError as exc:
+            if exc.retryable:  # a passing failure says nothing about the server's abilities
+                raise
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r} ({self.url}) cannot score completions: an echo "
+                f"request to /v1/completions failed: {exc.message}",
+                backend=self.name,
+            ) from exc
+
+    async def _score_one(self, prompt: str, completion: str, model: str) -> CompletionScore:
+        text = prompt + completion
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": text,
+            "echo": True,
+            "logprobs": 0,
+            "max_tokens": self._score_max_tokens,
+            "temperature": 0,
+        }
+        with self._scrubbed():
+            try:
+                data = await self._http.post_json("/v1/completions", body)
+            except BadRequestError:
+                if self._score_max_tokens != 0:
+                    raise
+                body["max_tokens"] = 1  # a server that will not echo without generating
+                data = await self._http.post_json("/v1/completions", body)
+                self._score_max_tokens = 1
+        tokens, logprobs = _echoed(data, text, self.name, self.url)
+        start, end = _completion_span(tokens, len(prompt), len(text), data)
+        picked = logprobs[start:end]
+        if not all(isinstance(lp, int | float) and not isinstance(lp, bool) for lp in picked):
+            raise BadRequestError(
+                "a completion token has no log-probability (an empty prompt leaves the first "
+                "token without context)",
+                backend=self.name,
+            )
+        return CompletionScore(
+            text=completion,
+            token_logprobs=tuple(float(lp) for lp in picked),  # type: ignore[arg-type]
+            tokens=tuple(tokens[start:end]),
+            backend=self.name,
+            model=model,
+        )
+
+
+def _echoed(data: object, text: str, backend: str, url: str) -> tuple[list[str], list[object]]:
+    """(tokens, token_logprobs) of an echo answer whose text starts with ``text``."""
+    try:
+        choice = data["choices"][0]  # type: ignore[index]
+        echoed = choice["text"]
+        logprobs = choice.get("logprobs")
+    except (TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise _malformed("echo answer has no choice", backend) from exc
+    if not isinstance(echoed, str) or not echoed.startswith(text):
+        raise ScoringUnsupportedError(
+            f"backend {backend!r} ({url}) did not echo the prompt on /v1/completions "
+            "(no `echo` support): it cannot score given text",
+            backend=backend,
+        )
+    if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("tokens"), list):
+        raise ScoringUnsupportedError(
+            f"backend {backend!r} ({url}) returned no log-probabilities on /v1/completions "
+            "(no `logprobs` support): it cannot score given text",
+            backend=backend,
+        )
+    tokens = [str(t) for t in logprobs["tokens"]]
+    values = logprobs.get("token_logprobs")
+    if not isinstance(values, list) or len(values) != len(tokens):
+        raise _malformed("token_logprobs do not match tokens", backend)
+    return tokens, values
+
+
+def _completion_span(
+    tokens: list[str], prompt_len: int, text_len: int, data: Any
+) -> tuple[int, int]:
+    """[start, end) of the completion's tokens among the echoed ones, by text offsets
+    (see ``OpenAIBackend.score`` for the rule)."""
+    logprobs = data["choices"][0]["logprobs"]
+    offsets = logprobs.get("text_offset")
+    if not isinstance(offsets, list) or len(offsets) != len(tokens):
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    echoed_len = len(data["choices"][0]["text"])
+    # token strings may spell more than the text (a BOS token): measure at the end
+    shift = (int(offsets[-1]) + len(tokens[-1]) - echoed_len) if tokens else 0
+    boundary, stop = prompt_len + shift, text_len + shift
+    start = next(
+        (i for i, t in enumerate(tokens) if int(offsets[i]) + len(t) > boundary), len(tokens)
+    )
+    end = next((i for i in range(start, len(tokens)) if int(offsets[i]) >= stop), len(tokens))
+    return start, end

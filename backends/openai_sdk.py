@@ -6,8 +6,8 @@ Imported only when that transport is chosen; ``openai`` is an optional dependenc
 
 Differences from the default transport, both documented in ``OpenAIBackend``:
 
-- ``timeout`` bounds a whole plain request (as with aiohttp) but, for streams, each
-  network read (the SDK has no total deadline for a stream).
+- ``timeout`` bounds connecting and each network read, as with aiohttp (connection
+  limits only: the member times a whole attempt).
 - The SDK hides whether a stream ended with ``[DONE]``: a stream that closes cleanly
   after at least one chunk counts as finished, so a missing finish_reason reads
   ``unknown``; an empty stream is malformed.
@@ -15,7 +15,6 @@ Differences from the default transport, both documented in ``OpenAIBackend``:
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
@@ -66,7 +65,6 @@ class SDKWire:
                 'transport="sdk" needs the openai package: pip install "ensemble-async[openai]"'
             )
         self.backend = backend
-        self._timeout = timeout
         connect = 10.0 if timeout is None else min(10.0, timeout)
         read = read_timeout if read_timeout is not None else timeout
         self._client = openai.AsyncOpenAI(
@@ -90,9 +88,8 @@ class SDKWire:
         return self._client.chat.completions if chat else self._client.completions
 
     async def create(self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]) -> Any:
-        with self._mapped():
-            async with asyncio.timeout(self._timeout):
-                result = await self._endpoint(chat).create(**body, extra_body=vendor or None)
+        with self._mapped():  # the SDK's own connect/read limits; the member times attempts
+            result = await self._endpoint(chat).create(**body, extra_body=vendor or None)
         return _dump(result)
 
     async def stream(

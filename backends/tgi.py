@@ -20,6 +20,7 @@ Facts this adapter relies on (see PROTOCOLS.md):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -39,6 +40,7 @@ from ensemble_async.errors import (
     error_from_status,
 )
 from ensemble_async.http import HTTPTransport, error_message
+from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
@@ -182,9 +184,14 @@ class TGIBackend(BaseBackend):
         started = time.perf_counter()
         if self._endpoint == "compat":
             payload["stream"] = False
+            # POST / returns the prompt too unless told otherwise (text-generation models)
+            payload["parameters"].setdefault("return_full_text", False)
+        headers: dict[str, str] = {}
         try:
             data = await self._http.post_json(
-                "/" if self._endpoint == "compat" else "/generate", payload
+                "/" if self._endpoint == "compat" else "/generate",
+                payload,
+                response_headers=headers,
             )
         except BadRequestError as exc:
             raise _refine(exc) from exc
@@ -192,7 +199,8 @@ class TGIBackend(BaseBackend):
             data = data[0]
         if not isinstance(data, dict):
             raise MalformedResponseError("TGI answer is not a JSON object", backend=self.name)
-        return self._completion(data.get("generated_text"), data.get("details"), request, started)
+        done = self._completion(data.get("generated_text"), data.get("details"), request, started)
+        return _with_prompt_tokens(done, headers)
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         await self._check_stops(request)
@@ -215,6 +223,7 @@ class TGIBackend(BaseBackend):
         payload = self._payload(request, request.seed)
         if self._endpoint == "compat":
             payload["stream"] = True
+            payload["parameters"].setdefault("return_full_text", False)
         path = "/" if self._endpoint == "compat" else "/generate_stream"
         held = _StopHoldback(request.stop)
         started = time.perf_counter()
@@ -314,6 +323,108 @@ class TGIBackend(BaseBackend):
             detail=f"HTTP {status}: {error_message(self._http.scrub(body))}",
         )
 
+    # -- scoring ------------------------------------------------------------------------
+    #
+    # A completion is scored by sending prompt + completion to /generate with
+    # ``decoder_input_details`` (the prompt tokens' log-probs, "prefill") and one new
+    # token.  Which prefill tokens are the completion's: /tokenize gives each token's
+    # character span in the same text; a token belongs to the completion when it ends
+    # after the prompt's last character, so a token that straddles the boundary counts
+    # for the completion.  Without /tokenize (404, no fast tokenizer), the tokens are
+    # taken from the end until their texts cover the completion's length (same rule).
+
+    async def score(self, request: ScoreRequest) -> list[CompletionScore]:
+        """One score per completion (natural-log probabilities of its tokens)."""
+        if request.prompt is None:
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r}: TGI's native API scores a plain prompt, not chat "
+                "messages (render the conversation into a prompt first)",
+                backend=self.name,
+            )
+        prompt = request.prompt
+        model = self._info.model if self._info else None
+        return await _all(self._score_one(prompt, c, model) for c in request.completions)
+
+    async def check_scoring(self) -> None:
+        """Send one tiny scoring request; ScoringUnsupportedError when it cannot work."""
+        try:
+            [got] = await self.score(ScoreRequest(prompt="Scoring check:", completions=(" ok",)))
+        except ScoringUnsupportedError:
+            raise
+        except FatalError as exc:
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r} ({self._http.base_url}) cannot score completions: "
+                f"/generate with decoder_input_details failed: {exc.message}",
+                backend=self.name,
+            ) from exc
+        if not got.token_logprobs:
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r}: the server returned no log-probabilities",
+                backend=self.name,
+            )
+
+    async def _score_one(self, prompt: str, completion: str, model: str | None) -> CompletionScore:
+        text = prompt + completion
+        payload = {
+            "inputs": text,
+            "parameters": {
+                "max_new_tokens": 1,
+                "do_sample": False,
+                "details": True,
+                "decoder_input_details": True,
+            },
+        }
+        try:
+            data, spans = await _all(
+                [self._http.post_json("/generate", payload), self._token_spans(text)]
+            )
+        except BadRequestError as exc:
+            raise _refine(exc) from exc
+        details = data.get("details") if isinstance(data, dict) else None
+        prefill = details.get("prefill") if isinstance(details, dict) else None
+        if not isinstance(prefill, list):
+            raise MalformedResponseError("TGI answer lacks details.prefill", backend=self.name)
+        if not prefill:
+            raise ScoringUnsupportedError(
+                f"backend {self.name!r} ({self._http.base_url}) returned no prefill tokens for "
+                "decoder_input_details: this server cannot score given text",
+                backend=self.name,
+            )
+        try:
+            texts = [str(t["text"]) for t in prefill]
+            logprobs = [t.get("logprob") for t in prefill]
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise MalformedResponseError("bad prefill token", backend=self.name) from exc
+        if spans is not None and len(spans) == len(prefill):
+            first = next((i for i, end in enumerate(spans) if end > len(prompt)), len(spans))
+        else:
+            first = _first_covering(texts, len(completion))
+        picked = logprobs[first:]
+        if not all(isinstance(lp, int | float) and not isinstance(lp, bool) for lp in picked):
+            raise BadRequestError(
+                "a completion token has no log-probability (an empty prompt leaves the first "
+                "token without context)",
+                backend=self.name,
+            )
+        return CompletionScore(
+            text=completion,
+            token_logprobs=tuple(float(lp) for lp in picked),
+            tokens=tuple(texts[first:]),
+            backend=self.name,
+            model=model,
+        )
+
+    async def _token_spans(self, text: str) -> list[int] | None:
+        """The end offset of each token of ``text`` from /tokenize, or None without it."""
+        try:
+            tokens = await self._http.post_json("/tokenize", {"inputs": text})
+        except (FatalError, ServerError):
+            return None
+        try:
+            return [int(t["stop"]) for t in tokens]
+        except (TypeError, KeyError, ValueError):
+            return None
+
 
 def _refine(exc: BadRequestError) -> BadRequestError:
     """TGI's 'prompt does not fit' validation errors as ContextLengthError."""
@@ -364,3 +475,34 @@ class _StopHoldback:
     def finish(self, final: str) -> str:
         sent = self._text[: self._sent]
         return final[len(sent) :] if final.startswith(sent) else ""
+
+
+def _with_prompt_tokens(done: Completion, headers: Mapping[str, str]) -> Completion:
+    """``done`` with the prompt's token count from TGI's ``x-prompt-tokens`` header when
+    the answer itself did not say (plain /generate reports it only there)."""
+    if done.prompt_tokens is not None:
+        return done
+    value = headers.get("x-prompt-tokens", "")
+    return dataclasses.replace(done, prompt_tokens=int(value)) if value.isdigit() else done
+
+
+def _first_covering(texts: list[str], length: int) -> int:
+    """Index of the first of the last tokens whose texts together cover ``length``
+    characters (the completion's tokens, a straddling one included)."""
+    covered = 0
+    for i in range(len(texts) - 1, -1, -1):
+        covered += len(texts[i])
+        if covered >= length:
+            return i
+    return 0
+
+
+async def _all(coros: Any) -> list[Any]:
+    """Await the coroutines together, results in order; the first failure cancels the
+    rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as failed:
+        raise _first_leaf(failed) from None
+    return [t.result() for t in tasks]

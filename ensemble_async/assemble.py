@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .backend import Backend
+from .backend import Backend, health_of, info_of
 from .config import (
     DEFAULT_OUTPUT,
     BackendConfig,
@@ -162,9 +162,6 @@ def cache_identity(spec: BackendConfig) -> str | None:
     return spec.model + (f"/{spec.gguf_file}" if spec.gguf_file else "")
 
 
-_MEMBER_TAKES_CACHE = "cache" in inspect.signature(Member).parameters
-
-
 def make_member(
     spec: BackendConfig,
     backend: Backend,
@@ -173,15 +170,8 @@ def make_member(
     max_attempts: int | None = None,
 ) -> Member:
     """A Member with the backend's limits from the config; with ``cache``, the member
-    consults it before admission (``Member(cache=..., cache_identity=...)``)."""
-    extra: dict[str, Any] = {}
-    if cache is not None:
-        if _MEMBER_TAKES_CACHE:
-            extra = {"cache": cache, "cache_identity": cache_identity(spec)}
-        else:  # pragma: no cover - until Member takes the cache (then this goes)
-            from .cache import CachedBackend
-
-            backend = CachedBackend(backend, cache, identity=cache_identity(spec))
+    looks each request up there before any admission (``cache_identity`` stands for a
+    local model in the keys)."""
     return Member(
         backend,
         name=spec.name,
@@ -192,7 +182,8 @@ def make_member(
         retry=RetryPolicy(max_attempts=max_attempts or spec.max_attempts),
         timeout_s=spec.timeout_s,
         instruction_tuned=spec.instruction_tuned,
-        **extra,
+        cache=cache,
+        cache_identity=cache_identity(spec) if cache is not None else None,
     )
 
 
@@ -343,13 +334,13 @@ async def probe_backend(
                 await backend.generate(request)
             probe.latency_s = time.perf_counter() - started
         async with asyncio.timeout(timeout):
-            health = await backend.health()
+            health = await health_of(backend)
         probe.healthy = health.ok
         probe.health_detail = health.detail
         if not health.ok:
             return probe
         async with asyncio.timeout(timeout):
-            info = await backend.info()
+            info = await info_of(backend)
         probe.model = info.model
         probe.served_models = _served(info.extra)
         wanted = probe.wanted_model
@@ -496,7 +487,7 @@ async def _open_cache(config: Config) -> AsyncIterator[ResponseCache]:
     from .cache import CacheError, ResponseCache
 
     try:
-        cache = ResponseCache(config.run.cache_file)
+        cache = await ResponseCache.open(config.run.cache_file)
     except CacheError as exc:
         raise OutputError(config.source, "run.cache_path", str(exc)) from None
     try:

@@ -1,9 +1,11 @@
-"""A content-addressed, crash-safe response cache (sqlite) and a caching ``Backend`` wrapper.
+"""A content-addressed, crash-safe response cache (sqlite).
 
-A rerun of a pipeline must repeat no call that already finished.  ``CachedBackend``
-looks every ``generate`` request up by ``cache_key`` -- a SHA-256 over the canonical
-JSON of the backend's identity (kind, name, model) and the full request -- and only
-calls the wrapped backend on a miss, storing the answer before returning it.
+A rerun of a pipeline must repeat no call that already finished.  ``Member`` looks every
+``generate`` request up by ``cache_key`` -- a SHA-256 over the canonical JSON of the
+backend's identity (kind, name, model) and the full request -- before any admission
+(breaker, concurrency slot, rate tokens, global slot), and only calls its backend on a
+miss, storing the answer before returning it.  This module is storage only: it knows
+nothing of backends or scheduling.
 
 Durability.  The database runs in WAL mode with ``synchronous=NORMAL`` by default and
 every ``put`` is its own committed transaction before ``put`` returns.  In WAL mode a
@@ -16,8 +18,10 @@ made again).  Pass ``synchronous="FULL"`` to ``fsync`` the WAL at every commit a
 survive power loss too, at the price of one disk flush per stored response.
 
 Threading.  sqlite connections belong to the thread that made them, so the cache owns
-one worker thread that opens the connection and runs every statement; coroutines await
-its futures and never block the event loop.  A ``put`` whose awaiting task is cancelled
+one worker thread that opens the connection (on first use, or in ``await
+ResponseCache.open(path)`` / ``async with ResponseCache(path)``) and runs every
+statement; coroutines await its futures and never block the event loop, not even while
+sqlite waits on a busy file.  A ``put`` whose awaiting task is cancelled
 still completes (it is already queued to the worker).
 
 What is stored: only the key (a hash) and the completions (``Completion.to_dict()``
@@ -39,15 +43,15 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
-from .backend import Backend
-from .types import BackendInfo, Completion, GenerationRequest, Health, StreamEvent
+from .scoring import CompletionScore, ScoreRequest
+from .types import Completion, GenerationRequest
 
-__all__ = ["CacheError", "CachedBackend", "ResponseCache", "cache_key"]
+__all__ = ["CacheError", "ResponseCache", "cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,24 @@ def cache_key(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def score_cache_key(
+    backend_kind: str, backend_name: str, model: str | None, request: ScoreRequest
+) -> str:
+    """The key of a scoring request: like :func:`cache_key`, in a namespace of its own
+    (a scoring request and a generation request never share a key)."""
+    payload = {
+        "v": KEY_VERSION,
+        "what": "score",
+        "kind": backend_kind,
+        "name": backend_name,
+        "model": model,
+        "prompt": request.prompt,
+        "messages": None if request.messages is None else [m.to_dict() for m in request.messages],
+        "completions": list(request.completions),
+    }
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS responses (
@@ -111,12 +133,17 @@ class ResponseCache:
 
     ``get``/``put`` are coroutines run on the cache's own worker thread.  ``put``
     returns once the entry is committed (see the module notes on durability); an
-    existing entry is kept (first answer wins).  Use it as a context manager (sync or
-    async) or call ``close()``; the file and its parent folders are created on demand.
-    Opening (the constructor) is synchronous and quick; it raises ``CacheError`` naming
-    the path when the file cannot be opened or is not a response cache.  A failing
-    statement later (disk full, I/O error) raises ``CacheError`` too, so a call whose
-    answer could not be stored fails rather than being silently uncached.
+    existing entry is kept (first answer wins).
+
+    The constructor touches no disk.  The file (and its parent folders) is opened on
+    the worker thread: by ``await ResponseCache.open(path)``, on entering ``async with
+    ResponseCache(path)``, or else by the first statement.  Opening raises ``CacheError``
+    naming the path when the file cannot be opened or is not a response cache (and is
+    tried again by the next call).  A failing statement later (disk full, I/O error)
+    raises ``CacheError`` too, so a call whose answer could not be stored fails rather
+    than being silently uncached.  Close with ``await aclose()`` (or leave the ``async
+    with``); ``close()`` is the same for synchronous code and blocks until queued
+    writes are done, so never call it from a coroutine.
     """
 
     def __init__(
@@ -137,14 +164,29 @@ class ResponseCache:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ensemble-async-cache"
         )
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        timeout_s: float = 30.0,
+    ) -> ResponseCache:
+        """A cache whose file is open (on the worker thread): errors show here, not later."""
+        cache = cls(path, synchronous=synchronous, timeout_s=timeout_s)
         try:
-            self._pool.submit(self._open).result()
+            await cache._run(cache._ensure_open)
         except BaseException:
-            self._pool.shutdown(wait=True)
-            self._closed = True
+            await cache.aclose()
             raise
+        return cache
 
     # ------------------------------------------------------------- worker thread
+
+    def _ensure_open(self) -> None:
+        if self._conn is None:
+            self._open()
 
     def _open(self) -> None:
         where = self.path
@@ -177,8 +219,11 @@ class ResponseCache:
         self._conn = conn
 
     def _connection(self) -> sqlite3.Connection:
+        # Only ever called on the worker thread, and never after _close_conn (close
+        # refuses new jobs first), so a missing connection means "not opened yet".
         if self._conn is None:
-            raise CacheError(f"the response cache {self.path} is closed")
+            self._open()
+        assert self._conn is not None
         return self._conn
 
     def _get(self, key: str) -> str | None:
@@ -238,6 +283,42 @@ class ResponseCache:
         value = canonical_json([c.to_dict() for c in completions])
         await self._run(self._put, key, value, shield=True)
 
+    async def get_scores(self, key: str) -> list[CompletionScore] | None:
+        """Stored scores, or None (also for an entry this version cannot read)."""
+        raw = await self._run(self._get, key)
+        if raw is None:
+            return None
+        try:
+            return [
+                CompletionScore(
+                    text=item["text"],
+                    token_logprobs=tuple(float(x) for x in item["token_logprobs"]),
+                    tokens=None if item.get("tokens") is None else tuple(item["tokens"]),
+                    backend=item.get("backend", ""),
+                    model=item.get("model"),
+                )
+                for item in json.loads(raw)
+            ]
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("response cache %s: unreadable entry %s (%s); ignored", self.path, key, exc)
+            return None
+
+    async def put_scores(self, key: str, scores: list[CompletionScore]) -> None:
+        """Store ``scores`` under ``key``; returns once the entry is committed."""
+        value = canonical_json(
+            [
+                {
+                    "text": s.text,
+                    "token_logprobs": list(s.token_logprobs),
+                    "tokens": None if s.tokens is None else list(s.tokens),
+                    "backend": s.backend,
+                    "model": s.model,
+                }
+                for s in scores
+            ]
+        )
+        await self._run(self._put, key, value, shield=True)
+
     async def count(self) -> int:
         """How many entries the cache holds."""
         return await self._run(self._count)
@@ -256,18 +337,12 @@ class ResponseCache:
         """``close()`` without blocking the event loop."""
         await asyncio.to_thread(self.close)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     async def __aenter__(self) -> Self:
+        try:
+            await self._run(self._ensure_open)
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -280,106 +355,6 @@ class ResponseCache:
 
     def __repr__(self) -> str:
         return f"<ResponseCache {str(self.path)!r}{' closed' if self._closed else ''}>"
-
-
-class CachedBackend:
-    """A ``Backend`` that answers ``generate`` from a ``ResponseCache`` when it can.
-
-    Key identity: the backend's kind, its name and its model.  With ``identity=None``
-    the model is read once, lazily, from ``await backend.info()`` on the first
-    ``generate``; if that fails the error propagates (a key without the model would
-    differ from the next run's and repeat calls), and the next ``generate`` tries again.
-    ``info()`` can be costly -- the transformers backend loads its model there -- so a
-    caller that knows the model (a configured model id or path) can pass it as
-    ``identity``: it then stands for the model in every key and ``info()`` is never
-    called for the cache.  Changing the identity, name or model starts a fresh set of
-    keys.
-
-    ``hits``/``misses`` count ``generate`` calls answered from the cache or by the
-    backend (also as ``cache_hits``/``cache_misses``).  A hit returns the stored
-    completions unchanged (their ``latency_s`` is the original call's).  ``stream``,
-    ``health``, ``info`` and ``aclose`` go straight to the wrapped backend; ``aclose``
-    does not close the cache, which may be shared by several backends.
-    Concurrent identical misses are not merged: each calls the backend, the first
-    stored answer is kept.
-    """
-
-    def __init__(
-        self, backend: Backend, cache: ResponseCache, *, identity: str | None = None
-    ) -> None:
-        self.backend = backend
-        self.cache = cache
-        self.identity = identity
-        self.kind: str = str(getattr(backend, "kind", type(backend).__name__))
-        self.hits = 0
-        self.misses = 0
-        self._model: str | None = identity
-        self._resolved = identity is not None
-        self._resolve_lock = asyncio.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
-
-    @property
-    def cache_hits(self) -> int:
-        return self.hits
-
-    @property
-    def cache_misses(self) -> int:
-        return self.misses
-
-    async def _identity(self) -> tuple[str, str | None]:
-        if not self._resolved:
-            async with self._resolve_lock:
-                if not self._resolved:
-                    info = await self.backend.info()
-                    self.kind = info.kind or self.kind
-                    self._model = info.model
-                    self._resolved = True
-        return self.kind, self._model
-
-    async def key_for(self, request: GenerationRequest) -> str:
-        """The cache key this backend uses for ``request``."""
-        kind, model = await self._identity()
-        return cache_key(kind, self.name, model, request)
-
-    async def generate(self, request: GenerationRequest) -> list[Completion]:
-        key = await self.key_for(request)
-        cached = await self.cache.get(key)
-        if cached is not None:
-            self.hits += 1
-            return cached
-        completions = await self.backend.generate(request)
-        await self.cache.put(key, completions)
-        self.misses += 1
-        return completions
-
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        return self.backend.stream(request)
-
-    async def health(self) -> Health:
-        return await self.backend.health()
-
-    async def info(self) -> BackendInfo:
-        return await self.backend.info()
-
-    async def aclose(self) -> None:
-        await self.backend.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"<CachedBackend {self.backend!r} cache={self.cache!r}>"
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:

@@ -351,9 +351,10 @@ def storage_failure(exc: BaseException) -> BaseException | None:
 
 def _all_failed(members: Sequence[Member]) -> bool:
     snaps = [m.snapshot() for m in members]
-    # no call succeeded and some failed (a member never called because the writer
-    # failed counts as failed too)
-    return all(s["done"] == 0 for s in snaps) and any(s["failed"] > 0 for s in snaps)
+    # no call succeeded (nor was answered from the cache) and some failed (a member never
+    # called because the writer failed counts as failed too)
+    answered = sum(s["done"] + s.get("cache_hits", 0) for s in snaps)
+    return answered == 0 and any(s["failed"] > 0 for s in snaps)
 
 
 # ---------------------------------------------------------------------------- check

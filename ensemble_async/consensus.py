@@ -28,7 +28,10 @@ One candidate is kept when it is not empty (``"single"``); no candidates: ``"non
 
 :class:`IncrementalSelector` makes the same decision while candidates arrive one by one,
 and says as soon as the outcome can no longer change (``policy="exact"``), or decides
-earlier by agreement (``"quorum"``) or when told to (``"deadline"``).
+earlier by agreement (``"quorum"``) or when told to (``"deadline"``).  With
+``min_candidates`` set, a decision needs that many candidates that arrived or failed for
+their own reason: fewer is rule ``"too-few-candidates"`` (nothing kept), decided as soon
+as unavailable ones make the number unreachable.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ RULES = (
     "empty",
     "none",
     "quorum",
+    "too-few-candidates",
 )
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -270,6 +274,14 @@ class IncrementalSelector:
 
     :meth:`finalize` decides now, for any policy, with the arrived candidates. Once made, a
     decision never changes: later :meth:`add` calls return it again.
+
+    ``min_candidates`` (default: no minimum): how many candidates must have *answered*:
+    arrived, or failed for their own reason (``fail(i, unavailable=False)``: a bad
+    request, a context too long; such an answer is final).  Fewer give rule
+    ``"too-few-candidates"`` and keep nothing, whatever the arrived ones say.  No policy
+    decides early on fewer, so ``"exact"`` still decides exactly what waiting for
+    everyone gives; once unavailable candidates leave too few possible, that rule is
+    decided at once.
     """
 
     def __init__(
@@ -282,9 +294,14 @@ class IncrementalSelector:
         weights: Sequence[float] | None = None,
         quorum: int = 2,
         agreement: float = 1.0,
+        min_candidates: int | None = None,
     ) -> None:
         if n_expected < 0:
             raise ValueError("n_expected must be >= 0")
+        if min_candidates is not None and not 1 <= min_candidates <= max(1, n_expected):
+            raise ValueError(
+                f"min_candidates must be in 1..{max(1, n_expected)}, got {min_candidates}"
+            )
         if policy not in ("exact", "quorum", "deadline"):
             raise ValueError(f"unknown policy {policy!r}")
         if quorum < 2:
@@ -297,9 +314,11 @@ class IncrementalSelector:
         self.weights = weights
         self.quorum = quorum
         self.agreement = agreement
+        self.min_candidates = min_candidates
         self._texts: dict[int, str] = {}
         self._norms: dict[int, str] = {}
         self._failed: set[int] = set()
+        self._answered_failures: set[int] = set()
         self._pairs: dict[tuple[int, int], float] = {}
         self._decision: Decision | None = None
 
@@ -335,10 +354,14 @@ class IncrementalSelector:
             return self._decision
         return self._update()
 
-    def fail(self, index: int) -> Decision | None:
-        """Record that candidate ``index`` will never arrive."""
+    def fail(self, index: int, *, unavailable: bool = True) -> Decision | None:
+        """Record that candidate ``index`` will never arrive: its source was unavailable
+        (default), or it failed for its own reason (``unavailable=False``), which counts
+        as an answer towards ``min_candidates``."""
         self._check_new(index)
         self._failed.add(index)
+        if not unavailable:
+            self._answered_failures.add(index)
         if self._decision is not None:
             return self._decision
         return self._update()
@@ -354,7 +377,19 @@ class IncrementalSelector:
     def _items(self) -> list[tuple[int, str]]:
         return sorted(self._texts.items())
 
+    def _answered(self) -> int:
+        return len(self._texts) + len(self._answered_failures)
+
     def _batch(self, *, early: bool) -> Decision:
+        if self.min_candidates is not None and self._answered() < self.min_candidates:
+            selection = Selection(
+                None,
+                None,
+                "too-few-candidates",
+                tuple(sorted(self._texts)),
+                threshold=self.threshold,
+            )
+            return Decision(selection, self.policy, tuple(sorted(self._texts)), early)
         selection = _decide(
             self._items(),
             threshold=self.threshold,
@@ -373,8 +408,12 @@ class IncrementalSelector:
         return score
 
     def _update(self) -> Decision | None:
-        if not self.missing:
+        missing = self.missing
+        if not missing:
             self._decision = self._batch(early=False)
+        elif self.min_candidates is not None and self._answered() < self.min_candidates:
+            if self._answered() + len(missing) < self.min_candidates:
+                self._decision = self._batch(early=True)  # too few can still come
         elif self.policy == "exact":
             self._decision = self._exact_early()
         elif self.policy == "quorum":

@@ -4,7 +4,7 @@ incremental consensus selector, stragglers cancelled once the decision is final.
     async with Ensemble([tgi, vllm, local]) as ens:
         result = await ens.run("Name three prime numbers.")
         async for result in ens.map(prompts):          # results stream as items finish
-            ...
+            print(result.key, result.kept, result.text)  # key: the prompt
 
 Admission, retries and the circuit breaker live in ``Member``; consensus lives in
 ``consensus``; this module only orchestrates.  ``map`` reads its input lazily: at most
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias
@@ -26,9 +26,11 @@ from .admission import GlobalLimit
 from .backend import Backend
 from .breaker import CircuitOpenError
 from .consensus import Decision, IncrementalSelector, Policy, Similarity
-from .errors import BackendError
+from .errors import BackendError, FatalError, RetryableError
 from .member import Member
 from .retry import RetryPolicy
+from .scoring import CompletionScore, ScoreRequest
+from .selection import FitChoice, SelectionConfig, choose
 from .types import Completion, GenerationRequest
 
 __all__ = ["Candidate", "Ensemble", "EnsembleResult", "Item"]
@@ -36,7 +38,11 @@ __all__ = ["Candidate", "Ensemble", "EnsembleResult", "Item"]
 Item: TypeAlias = str | GenerationRequest | Sequence[GenerationRequest]
 """A prompt, one request for every member, or one request per member (in member order)."""
 
-CandidateStatus = Literal["ok", "given", "failed", "circuit_open", "cancelled"]
+CandidateStatus = Literal["ok", "given", "failed", "unavailable", "circuit_open", "cancelled"]
+"""``failed``: the request failed for its own reason (a ``FatalError``: bad request,
+context too long); ``unavailable``: the member could not answer (retries spent on
+timeouts, refused connections, 5xx, 429); ``circuit_open``: its breaker refused;
+``cancelled``: not needed any more (decided without it, or past the deadline)."""
 
 
 @dataclass(frozen=True)
@@ -67,36 +73,70 @@ class Candidate:
 
 @dataclass(frozen=True)
 class EnsembleResult:
-    """What the ensemble decided for one item, with full provenance."""
+    """What the ensemble decided for one item, with full provenance.
 
-    item: int
+    ``index``: the item's position (in ``map``'s input, or as given to ``run``);
+    ``key``: the input item itself, or what ``map(..., key=)`` made of it.
+    ``min_candidates``: the answered candidates the decision needed (arrived, or failed
+    for their own reason).
+    """
+
+    index: int
     candidates: tuple[Candidate, ...]
     decision: Decision
     wall_s: float
+    key: Any = None
+    min_candidates: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    choice: FitChoice | None = None
+    """The selection policy's pick when one other than plain consensus is configured
+    (then ``kept``/``text``/``rule``/``winner`` follow it, not ``decision``)."""
 
     @property
     def kept(self) -> bool:
+        if self.choice is not None:
+            return self.choice.kept
         return self.decision.index is not None
 
     @property
     def text(self) -> str | None:
+        if self.choice is not None:
+            return self.choice.text
         return self.decision.text
 
     @property
+    def rule(self) -> str:
+        if self.choice is not None:
+            return self.choice.rule
+        return self.decision.selection.rule
+
+    @property
     def winner(self) -> Candidate | None:
-        i = self.decision.index
+        i = self.decision.index if self.choice is None else self.choice.index
         return None if i is None else self.candidates[i]
 
+    @property
+    def deferred(self) -> bool:
+        """Not decided because too few members were available (``too-few-candidates``),
+        or the target model could not be reached to score (``target-unavailable``):
+        trying the item again later may succeed.  A request that failed for its own
+        reason counts as answered, so it never defers an item."""
+        return self.rule in ("too-few-candidates", "target-unavailable")
+
     def to_dict(self) -> dict[str, Any]:
+        key = self.key if isinstance(self.key, str | int | float | bool) else None
         return {
-            "item": self.item,
+            "index": self.index,
+            **({"key": key} if key is not None else {}),
             "kept": self.kept,
+            "deferred": self.deferred,
             "text": self.text,
             "winner": None if self.winner is None else self.winner.source,
             "decision": self.decision.to_dict(),
+            "min_candidates": self.min_candidates,
             "candidates": [c.to_dict() for c in self.candidates],
             "wall_s": self.wall_s,
+            **({"selection": self.choice.to_dict()} if self.choice is not None else {}),
             **({"meta": self.meta} if self.meta else {}),
         }
 
@@ -108,7 +148,21 @@ class Ensemble:
     what waiting for everyone gives), ``quorum`` (decide once ``quorum`` candidates agree
     at ``agreement`` similarity, cancel the rest) or ``deadline`` (decide with what has
     arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
-    ``global_concurrency`` caps requests in flight across all members.
+    ``min_candidates``: how many candidates (given ones included) must answer for an
+    item to be decided; default: all of them.  A candidate answers by arriving or by
+    failing for its own reason (a ``FatalError``: bad request, context too long), which
+    is recorded as a failed candidate.  When unavailable members (retries spent, breaker
+    open, cancelled at the deadline) leave fewer, the rule is ``"too-few-candidates"``:
+    nothing is kept and ``EnsembleResult.deferred`` is true, so the caller can try the
+    item later.  No policy decides early on fewer, so lower it to let
+    ``exact``/``quorum`` cancel stragglers.
+    ``global_concurrency`` and ``retry`` apply to the bare backends this wraps; for a
+    ready ``Member`` they are an error (give them to ``Member(...)`` instead).
+    ``selection``: the selection policy (default: plain consensus); the target-fit
+    policies score the candidates under ``target`` (a ``Member``, a backend, or the name
+    of one of ``members``), whose scoring requests go through its own cache, admission,
+    retries and breaker; ``__aenter__`` checks that it can score.  An item whose scores
+    cannot be had because the target is unavailable is deferred (``target-unavailable``).
     """
 
     def __init__(
@@ -122,9 +176,12 @@ class Ensemble:
         quorum: int = 2,
         agreement: float = 1.0,
         deadline_s: float | None = None,
+        min_candidates: int | None = None,
         global_concurrency: int | None = None,
         max_items_in_flight: int = 64,
         retry: RetryPolicy | None = None,
+        selection: SelectionConfig | None = None,
+        target: Member | Backend | str | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -132,6 +189,19 @@ class Ensemble:
             raise ValueError("policy 'deadline' needs deadline_s")
         if max_items_in_flight < 1:
             raise ValueError("max_items_in_flight must be >= 1")
+        if min_candidates is not None and min_candidates < 1:
+            raise ValueError(f"min_candidates must be >= 1, got {min_candidates}")
+        wrapping_options = [
+            option
+            for option, value in (("global_concurrency", global_concurrency), ("retry", retry))
+            if value is not None
+        ]
+        ready = [m.name for m in members if isinstance(m, Member)]
+        if wrapping_options and ready:
+            raise ValueError(
+                f"Ensemble({', '.join(wrapping_options)}=...) applies only to bare backends, "
+                f"but member {ready[0]!r} is already a Member; give it to that Member instead"
+            )
         self.global_limit = GlobalLimit(global_concurrency) if global_concurrency else None
         self.members: list[Member] = [
             m if isinstance(m, Member) else Member(m, retry=retry, global_limit=self.global_limit)
@@ -147,13 +217,39 @@ class Ensemble:
         self.quorum = quorum
         self.agreement = agreement
         self.deadline_s = deadline_s
+        self.min_candidates = min_candidates
         self.max_items_in_flight = max_items_in_flight
-        self._counter = 0
+        self._next_index = 0
+        self.selection = selection or SelectionConfig()
+        self.target: Member | None = self._target(target)
+        self._own_target = self.target is not None and self.target not in self.members
+
+    def _target(self, target: Member | Backend | str | None) -> Member | None:
+        if not self.selection.needs_scores:
+            if target is not None:
+                raise ValueError("a target model is only used by the target-fit policies")
+            return None
+        if target is None:
+            target = self.selection.target
+        if target is None:
+            raise ValueError(f"selection policy {self.selection.policy!r} needs a target")
+        if isinstance(target, str):
+            named = [m for m in self.members if m.name == target]
+            if not named:
+                raise ValueError(
+                    f"target {target!r} is not a member; pass the target Member or backend"
+                )
+            return named[0]
+        return target if isinstance(target, Member) else Member(target)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         await asyncio.gather(*(m.start() for m in self.members))
+        if self.target is not None:
+            if self._own_target:
+                await self.target.start()
+            await self.target.check_scoring()  # a target that cannot score stops us here
         return self
 
     async def __aexit__(
@@ -165,7 +261,8 @@ class Ensemble:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(m.aclose() for m in self.members), return_exceptions=True)
+        owned = [self.target] if self.target is not None and self._own_target else []
+        await asyncio.gather(*(m.aclose() for m in [*self.members, *owned]), return_exceptions=True)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-member stats snapshots (JSON-ready)."""
@@ -192,19 +289,27 @@ class Ensemble:
         *,
         given: Sequence[tuple[str, str]] = (),
         item_index: int | None = None,
+        key: Any = None,
     ) -> EnsembleResult:
         """Fan ``item`` out to every member and decide.
 
         ``given``: candidates that already exist, as ``(source, text)``, placed first in
         priority order (Ensemble-Instruct's step-2 output is candidate 0).  Each member
-        contributes its first completion.
+        contributes its first completion.  ``key``: carried to the result (default: the
+        item itself).
         """
         requests = self._requests(item)
         if item_index is None:
-            item_index = self._counter
-            self._counter += 1
-        offset = len(given)
-        total = offset + len(self.members)
+            item_index = self._next_index
+            self._next_index += 1
+        first_member = len(given)
+        total = first_member + len(self.members)
+        needed = total if self.min_candidates is None else self.min_candidates
+        if needed > total:
+            raise ValueError(
+                f"min_candidates={needed} but this item has only {total} candidates "
+                f"({len(given)} given, {len(self.members)} members)"
+            )
         selector = IncrementalSelector(
             total,
             policy=self.policy,
@@ -213,6 +318,7 @@ class Ensemble:
             weights=self.weights,
             quorum=self.quorum,
             agreement=self.agreement,
+            min_candidates=needed,
         )
         candidates: dict[int, Candidate] = {}
         started = time.perf_counter()
@@ -220,13 +326,13 @@ class Ensemble:
             candidates[i] = Candidate(i, source, "given", text=text)
             selector.add(i, text)
 
-        tasks: dict[asyncio.Task[list[Completion]], int] = {}
+        candidate_of: dict[asyncio.Task[list[Completion]], int] = {}
         for k, (member, request) in enumerate(zip(self.members, requests, strict=True)):
             task = asyncio.create_task(member.generate(request))
-            tasks[task] = offset + k
+            candidate_of[task] = first_member + k
         loop = asyncio.get_running_loop()
         deadline = None if self.deadline_s is None else loop.time() + self.deadline_s
-        pending: set[asyncio.Task[list[Completion]]] = set(tasks)
+        pending: set[asyncio.Task[list[Completion]]] = set(candidate_of)
         try:
             while pending and not selector.done:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
@@ -235,21 +341,77 @@ class Ensemble:
                 )
                 if not finished:  # the deadline passed
                     break
-                for task in sorted(finished, key=tasks.__getitem__):
-                    i = tasks[task]
-                    self._collect(task, i, self.members[i - offset].name, candidates, selector)
+                for task in sorted(finished, key=candidate_of.__getitem__):
+                    i = candidate_of[task]
+                    name = self.members[i - first_member].name
+                    self._collect(task, i, name, candidates, selector)
         finally:
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         for task in pending:
-            i = tasks[task]
-            name = self.members[i - offset].name
+            i = candidate_of[task]
+            name = self.members[i - first_member].name
             candidates[i] = Candidate(i, name, "cancelled")
         decision = selector.finalize()
         ordered = tuple(candidates[i] for i in range(total))
-        return EnsembleResult(item_index, ordered, decision, time.perf_counter() - started)
+        choice = None
+        if self.target is not None and decision.selection.rule != "too-few-candidates":
+            choice = await self._select(ordered, decision, requests, first_member)
+        return EnsembleResult(
+            item_index,
+            ordered,
+            decision,
+            time.perf_counter() - started,
+            key=item if key is None else key,
+            min_candidates=needed,
+            choice=choice,
+        )
+
+    async def _select(
+        self,
+        candidates: tuple[Candidate, ...],
+        decision: Decision,
+        requests: list[GenerationRequest],
+        first_member: int,
+    ) -> FitChoice:
+        """Score the candidates under the target model and apply the selection policy."""
+        assert self.target is not None
+        texts = [c.text if c.status in ("ok", "given") else None for c in candidates]
+        scorable = [i for i, t in enumerate(texts) if t]
+        # The prompt as the target sees it: its own request when it is a member.
+        if self.target in self.members:
+            request = requests[self.members.index(self.target)]
+        else:
+            request = requests[0]
+        scores: dict[int, CompletionScore] = {}
+        if scorable:
+            ask = ScoreRequest(
+                completions=tuple(texts[i] or "" for i in scorable),
+                prompt=request.prompt,
+                messages=request.messages,
+            )
+            try:
+                got = await self.target.score(ask)
+            except (RetryableError, CircuitOpenError) as exc:
+                return FitChoice(
+                    None,
+                    None,
+                    "target-unavailable",
+                    self.selection.policy,
+                    why=f"the target could not score: {type(exc).__name__}",
+                )
+            except FatalError as exc:
+                return FitChoice(
+                    None,
+                    None,
+                    "scoring-failed",
+                    self.selection.policy,
+                    why=f"the target refused to score: {exc}",
+                )
+            scores = dict(zip(scorable, got, strict=True))
+        return choose(texts, decision.selection, scores, self.selection, similarity=self.similarity)
 
     @staticmethod
     def _collect(
@@ -269,9 +431,15 @@ class Ensemble:
             return
         if not isinstance(exc, BackendError):
             raise exc
-        status: CandidateStatus = "circuit_open" if isinstance(exc, CircuitOpenError) else "failed"
+        status: CandidateStatus
+        if isinstance(exc, CircuitOpenError):
+            status = "circuit_open"
+        elif isinstance(exc, RetryableError):
+            status = "unavailable"
+        else:
+            status = "failed"
         candidates[index] = Candidate(index, name, status, error=f"{type(exc).__name__}: {exc}")
-        selector.fail(index)
+        selector.fail(index, unavailable=status != "failed")
 
     # -- many items ---------------------------------------------------------------------
 
@@ -280,23 +448,29 @@ class Ensemble:
         items: Iterable[Item] | AsyncIterable[Item],
         *,
         ordered: bool = False,
+        key: Callable[[Item], Any] | None = None,
     ) -> AsyncIterator[EnsembleResult]:
         """Run every item; yield results as they finish (or in input order).
 
-        The input is read only as fast as items complete: at most
-        ``max_items_in_flight`` items are running or waiting to be yielded.  Closing the
-        iterator early cancels the items still running.
+        Each result carries its input position (``index``) and ``key``: the item itself,
+        or ``key(item)`` when given (e.g. an id, so the item need not be kept).  The
+        input is read only as fast as items complete: at most ``max_items_in_flight``
+        items are running or waiting to be yielded.  Closing the iterator early cancels
+        the items still running.
         """
         window = asyncio.Semaphore(self.max_items_in_flight)
-        results: asyncio.Queue[EnsembleResult | BaseException | None] = asyncio.Queue()
+        outcomes: asyncio.Queue[EnsembleResult | BaseException | None] = asyncio.Queue()
 
         async def one(index: int, item: Item) -> None:
             try:
-                await results.put(await self.run(item, item_index=index))
+                result = await self.run(
+                    item, item_index=index, key=item if key is None else key(item)
+                )
+                await outcomes.put(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await results.put(exc)
+                await outcomes.put(exc)
 
         async def feed() -> None:
             source = _aiter(items)
@@ -308,42 +482,42 @@ class Ensemble:
                     except StopAsyncIteration:
                         break
                     except Exception as exc:  # the input itself failed: say so, stop reading
-                        await results.put(exc)
+                        await outcomes.put(exc)
                         return
                     tg.create_task(one(index, item))
-            await results.put(None)
+            await outcomes.put(None)
 
         feeder = asyncio.create_task(feed())
-        held: dict[int, EnsembleResult] = {}
+        early_results: dict[int, EnsembleResult] = {}  # ordered: finished before their turn
         next_index = 0
         try:
             while True:
-                got = await _next_result(results, feeder)
-                if got is None:
+                outcome = await _next_outcome(outcomes, feeder)
+                if outcome is None:
                     break
-                if isinstance(got, BaseException):
-                    raise got
+                if isinstance(outcome, BaseException):
+                    raise outcome
                 if not ordered:
                     window.release()
-                    yield got
+                    yield outcome
                     continue
-                held[got.item] = got
-                while next_index in held:
+                early_results[outcome.index] = outcome
+                while next_index in early_results:
                     window.release()
-                    yield held.pop(next_index)
+                    yield early_results.pop(next_index)
                     next_index += 1
         finally:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
 
 
-async def _next_result(
-    results: asyncio.Queue[EnsembleResult | BaseException | None], feeder: asyncio.Task[None]
+async def _next_outcome(
+    outcomes: asyncio.Queue[EnsembleResult | BaseException | None], feeder: asyncio.Task[None]
 ) -> EnsembleResult | BaseException | None:
     """The next result, or the feeder's own failure (e.g. the input iterator raised)."""
-    if not results.empty():
-        return results.get_nowait()
-    getter = asyncio.ensure_future(results.get())
+    if not outcomes.empty():
+        return outcomes.get_nowait()
+    getter = asyncio.ensure_future(outcomes.get())
     try:
         await asyncio.wait({getter, feeder}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -354,7 +528,7 @@ async def _next_result(
     exc = feeder.exception()
     if exc is not None:
         return exc
-    return await results.get()
+    return await outcomes.get()
 
 
 async def _aiter(items: Iterable[Item] | AsyncIterable[Item]) -> AsyncIterator[Item]:

@@ -120,8 +120,12 @@ class HTTPTransport:
         self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        # Connection-level limits only (connecting; silence on the socket, ``timeout``
+        # unless ``read_timeout`` is given): a whole attempt is timed by the member.
         self._timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=connect_timeout, sock_read=read_timeout
+            total=None,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout if read_timeout is not None else timeout,
         )
         self._closed = False
 
@@ -190,8 +194,15 @@ class HTTPTransport:
         ):
             return resp.status, await resp.text(errors="replace")
 
-    async def post_json(self, path: str, payload: Mapping[str, Any]) -> Any:
-        """POST JSON and return the decoded JSON answer; non-2xx raises our error."""
+    async def post_json(
+        self,
+        path: str,
+        payload: Mapping[str, Any],
+        *,
+        response_headers: dict[str, str] | None = None,
+    ) -> Any:
+        """POST JSON and return the decoded JSON answer; non-2xx raises our error.
+        ``response_headers``, when given, receives the answer's headers."""
         async with (
             self._translate(),
             self.session.post(
@@ -200,6 +211,8 @@ class HTTPTransport:
         ):
             await self._raise_for_status(resp)
             raw = await resp.read()
+            if response_headers is not None:
+                response_headers.update(resp.headers)
         try:
             return json.loads(raw)
         except ValueError as exc:

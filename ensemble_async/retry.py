@@ -11,9 +11,13 @@ wait = max(backoff, retry_after).
 
 Bounds: at most ``max_attempts`` attempts, and no retry starts after ``max_total_s``
 seconds from the first attempt: a wait is cut to the time left, and when the server's
-Retry-After alone exceeds the time left the policy gives up at once.  Each attempt can
-have its own limit (``attempt_timeout_s``; see ``attempt_timeout``), which turns into a
-retryable ``RequestTimeoutError``.  ``max_total_s`` does not cut a running attempt short.
+Retry-After alone exceeds the time left the policy gives up at once.  ``max_total_s``
+does not cut a running attempt short.
+
+Timeouts are not applied here.  ``attempt_timeout_s`` is the per-attempt limit a
+``Member`` applies around its backend call (its one home, so the wait for admission is
+never timed); ``attempt_timeout``/``attempt_deadline`` are the tools it uses: their
+expiry is a retryable ``RequestTimeoutError``.
 
 ``sleep``, ``clock`` and ``rng`` are injectable so tests run without sleeping.
 """
@@ -33,7 +37,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from .errors import OverloadedError, RateLimitedError, RequestTimeoutError, RetryableError
 
-__all__ = ["RetryEvent", "RetryPolicy", "attempt_timeout", "is_retryable", "retry_after_of"]
+__all__ = [
+    "RetryEvent",
+    "RetryPolicy",
+    "attempt_deadline",
+    "attempt_timeout",
+    "is_retryable",
+    "retry_after_of",
+]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -62,15 +73,30 @@ async def attempt_timeout(
     if seconds is None:
         yield
         return
-    scope = asyncio.timeout(seconds)
+    async with attempt_deadline(
+        asyncio.get_running_loop().time() + seconds, seconds, backend=backend
+    ):
+        yield
+
+
+@asynccontextmanager
+async def attempt_deadline(
+    when: float | None, seconds: float | None, *, backend: str | None = None
+) -> AsyncIterator[None]:
+    """Like ``attempt_timeout`` but up to the loop time ``when`` (None: no limit), so
+    several steps of one attempt (the events of a stream) share one limit of
+    ``seconds`` (used in the error message)."""
+    if when is None:
+        yield
+        return
+    scope = asyncio.timeout_at(when)
     try:
         async with scope:
             yield
     except TimeoutError as exc:
         if scope.expired():
-            raise RequestTimeoutError(
-                f"attempt timed out after {seconds:g}s", backend=backend
-            ) from exc
+            limit = f"{seconds:g}s" if seconds is not None else "its deadline"
+            raise RequestTimeoutError(f"attempt timed out after {limit}", backend=backend) from exc
         raise
 
 
@@ -94,6 +120,7 @@ class RetryPolicy:
     max_backoff_s: float = 30.0
     jitter: float = 1.0
     attempt_timeout_s: float | None = None
+    """The per-attempt limit a ``Member`` applies to its backend call (not ``run``)."""
     sleep: Callable[[float], Awaitable[Any]] = field(
         default=asyncio.sleep, repr=False, compare=False
     )
@@ -127,16 +154,11 @@ class RetryPolicy:
         fn: Callable[[], Awaitable[T]],
         *,
         on_retry: Callable[[RetryEvent], object] | None = None,
-        attempt_timeout_s: float | None = None,
     ) -> T:
         """Call ``fn`` until it succeeds or the policy gives up (then its error propagates).
 
-        Each call of ``fn`` runs under ``attempt_timeout_s`` (None: the policy's).
-        Callers that must time only part of an attempt run a copy of the policy without
-        a timeout and use ``attempt_timeout`` themselves (``Member`` times the backend
-        call, not the wait for a slot).  ``on_retry`` is called before each wait.
+        ``fn`` times itself (see the module doc); ``on_retry`` is called before each wait.
         """
-        timeout = attempt_timeout_s if attempt_timeout_s is not None else self.attempt_timeout_s
         deadline = self.clock() + self.max_total_s
 
         def give_up(attempt: int, error: BaseException) -> bool:
@@ -158,10 +180,11 @@ class RetryPolicy:
             if on_retry is not None:
                 on_retry(event)
 
-        # Fast path: the first attempt runs bare; tenacity's machinery (costly per call,
-        # measured in bench/memory.py) is built only once a retry is really needed.
+        # Fast path, kept here so the whole retry loop stays in this one function: the
+        # first attempt runs bare; tenacity's machinery (costly per call, measured in
+        # bench/memory.py) is built only once a retry is really needed.
         try:
-            return await _timed(fn, timeout)
+            return await fn()
         except BaseException as exc:
             if not is_retryable(exc) or give_up(1, exc):
                 raise
@@ -180,7 +203,7 @@ class RetryPolicy:
             announce(RetryEvent(state.attempt_number + 1, _error(state), state.upcoming_sleep))
 
         async def attempt() -> T:
-            return await _timed(fn, timeout)
+            return await fn()
 
         retrying = AsyncRetrying(
             sleep=self.sleep,
@@ -198,8 +221,3 @@ def _error(state: RetryCallState) -> BaseException:
     exc = state.outcome.exception()
     assert exc is not None
     return exc
-
-
-async def _timed(fn: Callable[[], Awaitable[T]], seconds: float | None) -> T:
-    async with attempt_timeout(seconds):
-        return await fn()

@@ -95,10 +95,13 @@ class RateWindow:
 class BackendStats:
     """What one member has done: counts, tokens, latencies, rates, errors, breaker state.
 
-    ``done``/``failed`` count ``generate`` calls (after retries); ``retried`` counts
-    retries; ``errors`` counts every failed attempt by error class (retried or final);
-    ``latency`` is the backend call time of successful attempts (queueing and backoff
-    excluded).
+    ``done``/``failed`` count requests sent to the backend (after retries); ``retried``
+    counts retries; ``errors`` counts every failed attempt by error class (retried or
+    final); ``latency`` is the backend call time of successful attempts (queueing and
+    backoff excluded).  ``cache_hits`` counts calls answered from the response cache:
+    they are not requests and add nothing to the other counters, tokens, rates or
+    latencies; ``cache_misses`` counts calls the backend answered and the cache stored.
+    ``cached``: whether a cache is in use (the snapshot shows the two counts only then).
     """
 
     def __init__(
@@ -108,8 +111,12 @@ class BackendStats:
         reservoir: int = 2048,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        cached: bool = False,
     ) -> None:
         self.name = name
+        self.cached = cached
+        self.cache_hits = 0
+        self.cache_misses = 0
         self.in_flight = 0
         self.done = 0
         self.failed = 0
@@ -151,6 +158,12 @@ class BackendStats:
         self.in_flight -= 1
         self.cancelled += 1
 
+    def cache_hit(self) -> None:
+        self.cache_hits += 1
+
+    def cache_miss(self) -> None:
+        self.cache_misses += 1
+
     def retrying_after(self, exc: BaseException) -> None:
         self.retried += 1
         self.errors[type(exc).__name__] += 1
@@ -159,6 +172,11 @@ class BackendStats:
         """A JSON-ready picture of the counters now."""
         p50, p95, p99 = self.latency.percentiles(50, 95, 99)
         rps, tps = self.window.rates()
+        cache = (
+            {"cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+            if self.cached
+            else {}
+        )
         return {
             "name": self.name,
             "in_flight": self.in_flight,
@@ -174,4 +192,5 @@ class BackendStats:
             "tokens_per_s": tps,
             "errors": dict(self.errors),
             "breaker": self.breaker_state,
+            **cache,
         }

@@ -54,7 +54,7 @@ async def main() -> None:
         requests = (GenerationRequest(prompt=q, max_new_tokens=32) for q in QUESTIONS)
         async with Ensemble(members, policy="exact", max_items_in_flight=8) as ensemble:
             async for result in ensemble.map(requests):
-                print(json.dumps({"question": QUESTIONS[result.item], **result.to_dict()}))
+                print(json.dumps({"question": QUESTIONS[result.index], **result.to_dict()}))
             print(json.dumps({"stats": ensemble.stats()}))
 
 

@@ -1,4 +1,5 @@
-"""ResponseCache and CachedBackend: keys, hits and misses, secrets, concurrency, SIGKILL."""
+"""ResponseCache and the member's use of it: keys, hits and misses, secrets, concurrency,
+SIGKILL, and the cache sitting above admission."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from typing import Self
 
 import pytest
 
+from ensemble_async.admission import AdaptiveLimiter, GlobalLimit, TokenBucket
 from ensemble_async.backends.openai import OpenAIBackend
-from ensemble_async.cache import CachedBackend, CacheError, ResponseCache, cache_key
+from ensemble_async.breaker import CircuitBreaker
+from ensemble_async.cache import CacheError, ResponseCache, cache_key
 from ensemble_async.errors import ConnectError
+from ensemble_async.member import Member
+from ensemble_async.retry import RetryPolicy
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.types import (
     BackendInfo,
@@ -188,6 +193,15 @@ def test_unserialisable_extra_is_a_clear_error() -> None:
 # ---------------------------------------------------------------------------- cache
 
 
+def cached(backend: CountingBackend, cache: ResponseCache, **kw: object) -> Member:
+    """A member with a response cache and no retries."""
+    return Member(backend, cache=cache, retry=RetryPolicy.never(), **kw)  # type: ignore[arg-type]
+
+
+def hits_misses(member: Member) -> tuple[int, int]:
+    return member.stats.cache_hits, member.stats.cache_misses
+
+
 async def test_put_get_roundtrip_and_reopen(tmp_path: Path) -> None:
     backend = CountingBackend()
     completions = await backend.generate(REQUEST)
@@ -200,53 +214,76 @@ async def test_put_get_roundtrip_and_reopen(tmp_path: Path) -> None:
         await cache.put("k1", list(reversed(completions)))
         assert await cache.get("k1") == completions
         assert await cache.count() == 1
-    with ResponseCache(path) as again:
+    again = await ResponseCache.open(path)
+    try:
         assert await again.get("k1") == completions
+    finally:
+        await again.aclose()
 
 
-async def test_cached_backend_hits_and_misses(tmp_path: Path) -> None:
+async def test_opening_happens_off_the_loop_and_lazily(tmp_path: Path) -> None:
+    path = tmp_path / "lazy" / "c.sqlite"
+    cache = ResponseCache(path)  # touches no disk
+    assert not path.parent.exists()
+    try:
+        assert await cache.get("k") is None  # the first statement opens the file
+        assert path.exists()
+    finally:
+        await cache.aclose()
+
+
+async def test_member_cache_hits_and_misses(tmp_path: Path) -> None:
     backend = CountingBackend()
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        cached = CachedBackend(backend, cache)
-        assert cached.name == backend.name
-        first = await cached.generate(REQUEST)
-        second = await cached.generate(REQUEST)
-        other = await cached.generate(REQUEST.replace(seed=12))
+        member = cached(backend, cache)
+        first = await member.generate(REQUEST)
+        second = await member.generate(REQUEST)
+        other = await member.generate(REQUEST.replace(seed=12))
         assert backend.calls == 2
         assert second == first
         assert other != first
-        assert (cached.hits, cached.misses) == (1, 2)
-        assert (cached.cache_hits, cached.cache_misses) == (1, 2)
+        assert hits_misses(member) == (1, 2)
+        snap = member.snapshot()
+        assert (snap["cache_hits"], snap["cache_misses"]) == (1, 2)
+        assert snap["done"] == 2  # requests: the hit is not one
         assert backend.info_calls == 1  # identity read once, lazily
-        assert await cached.key_for(REQUEST) == cache_key("fake", "fake-1", "fake-model", REQUEST)
+        assert await member.cache_key_for(REQUEST) == cache_key(
+            "fake", "fake-1", "fake-model", REQUEST
+        )
 
     # A new process/run: a fresh backend object, same cache file -> no call at all.
     fresh = CountingBackend()
-    async with ResponseCache(tmp_path / "c.sqlite") as cache, CachedBackend(fresh, cache) as c2:
-        assert await c2.generate(REQUEST) == first
-        assert fresh.calls == 0
-        assert (c2.hits, c2.misses) == (1, 0)
-    assert fresh.closed  # aclose goes to the wrapped backend
+    async with ResponseCache(tmp_path / "c.sqlite") as cache:
+        async with cached(fresh, cache) as m2:
+            assert await m2.generate(REQUEST) == first
+            assert fresh.calls == 0
+            assert hits_misses(m2) == (1, 0)
+        assert fresh.closed  # the member closes its backend ...
+        assert await cache.count() == 2  # ... but not the cache, which is the caller's
+
+
+async def test_a_member_without_cache_reports_no_cache_counts() -> None:
+    assert "cache_hits" not in Member(CountingBackend()).snapshot()
 
 
 async def test_model_is_part_of_the_identity(tmp_path: Path) -> None:
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        a = CachedBackend(CountingBackend(model="m-a"), cache)
+        a = cached(CountingBackend(model="m-a"), cache)
         b_backend = CountingBackend(model="m-b")
-        b = CachedBackend(b_backend, cache)
+        b = cached(b_backend, cache)
         await a.generate(REQUEST)
         await b.generate(REQUEST)
         assert b_backend.calls == 1
-        assert (b.hits, b.misses) == (0, 1)
+        assert hits_misses(b) == (0, 1)
 
 
 async def test_identity_override_skips_info(tmp_path: Path) -> None:
     backend = CountingBackend()
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        cached = CachedBackend(backend, cache, identity="configured-model")
-        await cached.generate(REQUEST)
+        member = cached(backend, cache, cache_identity="configured-model")
+        await member.generate(REQUEST)
         assert backend.info_calls == 0
-        assert await cached.key_for(REQUEST) == cache_key(
+        assert await member.cache_key_for(REQUEST) == cache_key(
             "fake", "fake-1", "configured-model", REQUEST
         )
 
@@ -255,41 +292,106 @@ async def test_info_failure_propagates_and_is_retried(tmp_path: Path) -> None:
     backend = CountingBackend()
     backend.info_error = ConnectError("down", backend="fake-1")
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        cached = CachedBackend(backend, cache)
+        member = cached(backend, cache)
         with pytest.raises(ConnectError):
-            await cached.generate(REQUEST)
+            await member.generate(REQUEST)
         assert backend.calls == 0
         assert await cache.count() == 0
         backend.info_error = None
-        await cached.generate(REQUEST)
+        await member.generate(REQUEST)
         assert backend.info_calls == 2
-        assert (cached.hits, cached.misses) == (0, 1)
+        assert hits_misses(member) == (0, 1)
 
 
-async def test_passthrough_methods(tmp_path: Path) -> None:
+async def test_start_reads_the_identity_once_for_the_cache(tmp_path: Path) -> None:
     backend = CountingBackend()
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        cached = CachedBackend(backend, cache)
-        assert (await cached.health()).detail == "fine"
-        assert (await cached.info()).model == "fake-model"
-        events = [e async for e in cached.stream(GenerationRequest(prompt="s"))]
+        member = cached(backend, cache)
+        await member.start()
+        await member.generate(REQUEST)
+        assert backend.info_calls == 1
+
+
+async def test_streams_are_not_cached(tmp_path: Path) -> None:
+    backend = CountingBackend()
+    async with ResponseCache(tmp_path / "c.sqlite") as cache:
+        member = cached(backend, cache)
+        events = [e async for e in member.stream(GenerationRequest(prompt="s"))]
         assert isinstance(events[0], TextDelta)
         assert isinstance(events[-1], Completion)
-        assert await cache.count() == 0  # streams are not cached
+        assert await cache.count() == 0
 
 
 async def test_concurrent_gets_and_puts(tmp_path: Path) -> None:
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        backend = CachedBackend(CountingBackend(), cache)
+        member = cached(CountingBackend(), cache, concurrency=1000)
         requests = [GenerationRequest(prompt=f"p{i}", seed=i) for i in range(150)]
-        first = await asyncio.gather(*(backend.generate(r) for r in requests))
+        first = await asyncio.gather(*(member.generate(r) for r in requests))
         # Mixed: every request again (hits) interleaved with 50 new ones (misses).
         more = [GenerationRequest(prompt=f"q{i}") for i in range(50)]
-        second = await asyncio.gather(*(backend.generate(r) for r in [*requests, *more]))
+        second = await asyncio.gather(*(member.generate(r) for r in [*requests, *more]))
         assert second[:150] == first
         assert [c[0].text.split("|")[0] for c in second[150:]] == [f"q{i}" for i in range(50)]
-        assert (backend.hits, backend.misses) == (150, 200)
+        assert hits_misses(member) == (150, 200)
         assert await cache.count() == 200
+
+
+async def test_hits_take_no_admission_and_are_not_requests(tmp_path: Path) -> None:
+    """The cache sits above admission: a hit takes no slot, no rate token, no global
+    slot, and is no breaker/AIMD success or latency sample."""
+    backend = CountingBackend()
+    now = [0.0]  # the buckets' clock never moves: no refill during the test
+
+    async def no_sleep(_s: float) -> None:
+        raise AssertionError("a cached request waited for a rate token")
+
+    rpm = TokenBucket(60, burst=1, clock=lambda: now[0], sleep=no_sleep)
+    tpm = TokenBucket(60_000, burst=1000, clock=lambda: now[0], sleep=no_sleep)
+    limiter = AdaptiveLimiter(1, maximum=64)
+    global_limit = GlobalLimit(1)
+    breaker = CircuitBreaker(failure_threshold=1)
+    async with ResponseCache(tmp_path / "c.sqlite") as cache:
+        member = Member(
+            backend,
+            cache=cache,
+            cache_identity="m",
+            concurrency=limiter,
+            rpm=rpm,
+            tpm=tpm,
+            global_limit=global_limit,
+            breaker=breaker,
+            retry=RetryPolicy.never(),
+        )
+        await member.generate(REQUEST)  # the one real request: takes the only rpm token
+        rpm_left, tpm_left = rpm.available, tpm.available
+        assert rpm_left < 1
+        snap = member.snapshot()
+        aimd = (limiter.limit, limiter.increases)
+        # 30 identical requests at once, with one slot, one global slot, no rpm token
+        results = await asyncio.gather(*(member.generate(REQUEST) for _ in range(30)))
+        assert all(r == results[0] for r in results)
+        assert backend.calls == 1
+        assert (rpm.available, tpm.available) == (rpm_left, tpm_left)
+        assert limiter.in_flight == 0
+        assert (limiter.limit, limiter.increases) == aimd  # hits are no AIMD successes
+        assert global_limit.in_flight == 0
+        after = member.snapshot()
+        assert hits_misses(member) == (30, 1)
+        for counter in ("done", "failed", "completions", "prompt_tokens", "completion_tokens"):
+            assert after[counter] == snap[counter], counter
+        assert after["latency_s"]["samples"] == 1
+        # Hits say nothing about health: a failure right after them still counts first.
+        failing = Member(
+            _Failing(), cache=cache, cache_identity="m", breaker=breaker, retry=RetryPolicy.never()
+        )
+        with pytest.raises(ConnectError):
+            await failing.generate(REQUEST.replace(seed=99))
+        assert str(breaker.state) == "open"
+
+
+class _Failing(CountingBackend):
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        raise ConnectError("refused", backend=self.name)
 
 
 async def test_cancelled_put_still_completes(tmp_path: Path) -> None:
@@ -313,28 +415,29 @@ async def test_a_failed_store_fails_the_call(tmp_path: Path) -> None:
         await cache._run(lambda: cache._connection().execute("PRAGMA query_only=ON"))
         backend = CountingBackend()
         with pytest.raises(CacheError, match=r"c\.sqlite"):
-            await CachedBackend(backend, cache).generate(REQUEST)
+            await cached(backend, cache).generate(REQUEST)
         assert backend.calls == 1
         assert await cache.count() == 0
 
 
 async def test_closed_cache_refuses_work(tmp_path: Path) -> None:
-    cache = ResponseCache(tmp_path / "c.sqlite")
-    cache.close()
-    cache.close()  # idempotent
+    cache = await ResponseCache.open(tmp_path / "c.sqlite")
+    await cache.aclose()
+    await cache.aclose()  # idempotent
     with pytest.raises(CacheError, match="closed"):
         await cache.get("k")
 
 
-def test_unopenable_paths_are_clear_errors(tmp_path: Path) -> None:
+async def test_unopenable_paths_are_clear_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(CacheError, match="a-file"):
-        ResponseCache(blocker / "cache.sqlite")
+        await ResponseCache.open(blocker / "cache.sqlite")
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(CacheError, match=r"junk\.sqlite"):
-        ResponseCache(junk)
+        async with ResponseCache(junk):
+            pass
 
 
 async def test_no_secret_reaches_the_database(tmp_path: Path) -> None:
@@ -345,9 +448,9 @@ async def test_no_secret_reaches_the_database(tmp_path: Path) -> None:
         OpenAIBackend(double.url, api_key=marker, name="remote") as remote,
         ResponseCache(path) as cache,
     ):
-        cached = CachedBackend(remote, cache)
-        first = await cached.generate(GenerationRequest(prompt="hello there", max_new_tokens=8))
-        again = await cached.generate(GenerationRequest(prompt="hello there", max_new_tokens=8))
+        member = Member(remote, cache=cache)
+        first = await member.generate(GenerationRequest(prompt="hello there", max_new_tokens=8))
+        again = await member.generate(GenerationRequest(prompt="hello there", max_new_tokens=8))
         assert first == again
         assert double.requests == 1
         assert double.last_headers.get("Authorization") == f"Bearer {marker}"

@@ -245,24 +245,18 @@ async def test_build_members_shares_a_member_between_roles(
             await m.aclose()
 
 
-async def test_build_members_gives_the_cache_to_the_members(
+async def test_build_members_gives_every_member_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ensemble_async.cache import CachedBackend, ResponseCache
+    from ensemble_async.cache import ResponseCache
 
     monkeypatch.setenv("EA_TEST_GPU2_KEY", "k")
     cfg = full(tmp_path)
     async with ResponseCache(tmp_path / "c.sqlite") as cache:
-        _writer, answerers = build_members(cfg, cache=cache)
+        writer, answerers = build_members(cfg, cache=cache)
         try:
-            for member in answerers:
-                given = getattr(member, "cache", None)
-                if given is not None:  # the cache above admission
-                    assert given is cache
-                    assert not isinstance(member.backend, CachedBackend)
-                else:  # until Member takes the cache: the wrapper
-                    assert isinstance(member.backend, CachedBackend)
-                    assert member.backend.cache is cache
+            assert all(m.cache is cache for m in answerers)
+            assert writer.cache is cache
         finally:
             for m in answerers:
                 await m.aclose()

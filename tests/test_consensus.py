@@ -314,6 +314,56 @@ def test_exact_policy_equals_batch_select_for_any_arrival_order(
     assert inc.finalize() is decision
 
 
+@settings(max_examples=400, deadline=None)
+@given(data=arrivals(), minimum=st.integers(1, 6), policy=st.sampled_from(["exact", "quorum"]))
+def test_min_candidates_for_any_arrival_order(
+    data: tuple[list[str], list[int], set[int]], minimum: int, policy: str
+) -> None:
+    """With a minimum, ``exact`` decides what waiting for everyone gives (too few arrived:
+    ``too-few-candidates``), and no policy ever decides on fewer arrived candidates."""
+    texts, order, failed = data
+    if not texts:
+        return
+    minimum = min(minimum, len(texts))
+    own_fault = {i for i in failed if i % 2}  # failed for its own reason: an answer
+    kept = [i for i in range(len(texts)) if i not in failed]
+    batch = select([texts[i] for i in kept])
+    inc = IncrementalSelector(len(texts), policy=policy, min_candidates=minimum)  # type: ignore[arg-type]
+    decision = None
+    answered = 0
+    for i in order:
+        unavailable = i not in own_fault
+        got = inc.fail(i, unavailable=unavailable) if i in failed else inc.add(i, texts[i])
+        answered += i not in failed or i in own_fault
+        if got is not None:
+            decision = got
+            break
+    assert decision is not None
+    rule = decision.selection.rule
+    if len(kept) + len(own_fault) < minimum:
+        assert rule == "too-few-candidates" and decision.index is None
+    else:
+        assert rule != "too-few-candidates"
+        assert answered >= minimum
+        if policy == "exact":
+            assert decision.index == (None if batch.index is None else kept[batch.index])
+            assert rule == batch.rule
+
+
+def test_min_candidates_is_validated() -> None:
+    with pytest.raises(ValueError, match="min_candidates"):
+        IncrementalSelector(3, min_candidates=4)
+    with pytest.raises(ValueError, match="min_candidates"):
+        IncrementalSelector(3, min_candidates=0)
+
+
+def test_deadline_below_the_minimum_is_too_few() -> None:
+    inc = IncrementalSelector(3, policy="deadline", min_candidates=2)
+    assert inc.add(0, "same answer") is None
+    decision = inc.finalize()
+    assert decision.selection.rule == "too-few-candidates" and decision.early
+
+
 def test_exact_policy_decides_as_soon_as_rule_one_fires() -> None:
     inc = IncrementalSelector(4)
     assert inc.add(2, "Yes!") is None

@@ -10,7 +10,7 @@ import pytest
 
 import ensemble_async as ea
 from ensemble_async import errors
-from ensemble_async.backend import BaseBackend, gather_n
+from ensemble_async.backend import BaseBackend, gather_n, health_of, info_of, stream_of
 from ensemble_async.registry import backend_factory, backend_kinds, create_backend
 from ensemble_async.secret import MissingSecretError, Secret
 from ensemble_async.types import ChatMessage, Completion, GenerationRequest
@@ -171,6 +171,47 @@ async def test_base_backend_context_manager() -> None:
     async with _Counting(name="x") as b:
         assert b.name == "x"
         assert "x" in repr(b)
+
+
+class _OnlyGenerate(BaseBackend):
+    kind = "minimal"
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        return [Completion(f"echo {request.prompt}", "stop", self.name, 0.0)]
+
+
+async def test_base_backend_defaults_for_the_optional_methods() -> None:
+    b = _OnlyGenerate(name="m")
+    events = [e async for e in b.stream(GenerationRequest(prompt="p"))]
+    assert [type(e) for e in events] == [Completion]
+    assert events[0].text == "echo p"
+    health = await b.health()
+    assert health.ok and "unknown" in health.detail
+    info = await b.info()
+    assert (info.name, info.kind, info.model) == ("m", "minimal", None)
+    with pytest.raises(ValueError, match="n == 1"):
+        [e async for e in b.stream(GenerationRequest(prompt="p", n=2))]
+
+
+async def test_optional_methods_through_the_helpers() -> None:
+    class Bare:  # not a BaseBackend: only the required part of the protocol
+        kind = "bare"
+        name = "b"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion("x", "stop", "b", 0.0)]
+
+        async def aclose(self) -> None:
+            return None
+
+    bare = Bare()
+    assert (await info_of(bare)).kind == "bare"  # type: ignore[arg-type]
+    assert (await health_of(bare)).ok  # type: ignore[arg-type]
+    assert [e async for e in stream_of(bare, GenerationRequest(prompt="p"))] == [  # type: ignore[arg-type]
+        Completion("x", "stop", "b", 0.0)
+    ]
+    own = _Counting(name="c")
+    assert (await info_of(own)).name == "c"
 
 
 def test_public_api_resolves_and_heavy_parts_load_lazily() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -98,7 +99,8 @@ async def test_exact_decides_early_and_cancels_the_straggler() -> None:
     never = asyncio.Event()
     slow = Fake("slow", const("something else"), gate=never)
     members = [Fake("a", const("yes")), Fake("b", const("Yes!")), slow]
-    async with Ensemble(members, policy="exact") as ens:
+    # Two agreeing candidates are enough here, so the straggler is not needed.
+    async with Ensemble(members, policy="exact", min_candidates=2) as ens:
         result = await asyncio.wait_for(ens.run("q"), 10)
     assert result.text == "yes"
     assert result.decision.early
@@ -150,7 +152,7 @@ async def test_quorum_decides_once_enough_agree() -> None:
         Fake("c", const("no idea"), gate=never),
         Fake("d", const("no idea"), gate=never),
     ]
-    async with Ensemble(members, policy="quorum", quorum=2) as ens:
+    async with Ensemble(members, policy="quorum", quorum=2, min_candidates=2) as ens:
         result = await asyncio.wait_for(ens.run("q"), 10)
     assert result.decision.policy == "quorum"
     assert result.decision.index in (0, 1)
@@ -164,7 +166,7 @@ async def test_deadline_decides_with_what_arrived() -> None:
         Fake("b", const("x y")),
         Fake("c", const("q"), gate=never),
     ]
-    async with Ensemble(members, policy="deadline", deadline_s=0.2) as ens:
+    async with Ensemble(members, policy="deadline", deadline_s=0.2, min_candidates=2) as ens:
         result = await asyncio.wait_for(ens.run("q"), 10)
     assert result.candidates[2].status == "cancelled"
     assert result.decision.arrived == (0, 1)
@@ -179,10 +181,10 @@ async def test_failed_and_broken_members_are_recorded_and_the_run_goes_on() -> N
         no_retry(Fake("b", const("Blue"))),
         no_retry(bad, breaker=breaker),
     ]
-    async with Ensemble(members) as ens:
+    async with Ensemble(members, min_candidates=2) as ens:
         statuses = [(await ens.run(f"q{i}")).candidates[2].status for i in range(4)]
         last = await ens.run("q-last")
-    assert statuses == ["failed", "failed", "circuit_open", "circuit_open"]
+    assert statuses == ["unavailable", "unavailable", "circuit_open", "circuit_open"]
     assert bad.calls == 2  # the open breaker sends nothing
     assert last.text == "blue"
     assert "CircuitOpenError" in (last.candidates[2].error or "")
@@ -196,7 +198,8 @@ async def test_every_member_failing_discards_the_item() -> None:
     async with Ensemble(members) as ens:
         result = await ens.run("q")
     assert not result.kept
-    assert [c.status for c in result.candidates] == ["failed", "failed"]
+    assert result.rule == "too-few-candidates" and result.deferred  # "b" may come back
+    assert [c.status for c in result.candidates] == ["failed", "unavailable"]
 
 
 async def test_given_candidates_come_first() -> None:
@@ -232,8 +235,8 @@ async def test_map_reads_input_lazily_and_streams_results() -> None:
             if len(got) == 50:
                 break
         await stream.aclose()  # type: ignore[attr-defined]
-    assert len({r.item for r in got}) == 50
-    assert all(r.kept and r.text == f"p{r.item}" for r in got)
+    assert len({r.index for r in got}) == 50
+    assert all(r.kept and r.text == r.key == f"p{r.index}" for r in got)
 
 
 async def test_map_ordered_yields_in_input_order() -> None:
@@ -249,8 +252,9 @@ async def test_map_ordered_yields_in_input_order() -> None:
             return out
 
     async with Ensemble([Slow("a", lambda p: p)]) as ens:
-        items = [r.item async for r in ens.map([f"p{i}" for i in range(6)], ordered=True)]
-    assert items == list(range(6))
+        results = [r async for r in ens.map([f"p{i}" for i in range(6)], ordered=True)]
+    assert [r.index for r in results] == list(range(6))
+    assert [r.key for r in results] == [f"p{i}" for i in range(6)]
 
 
 async def test_map_surfaces_an_input_error() -> None:
@@ -274,3 +278,112 @@ async def test_ensemble_over_real_tgi_doubles() -> None:
     # Both doubles answer the same prompt the same way, so every item is kept by rule 1.
     assert all(r.kept and r.decision.selection.rule == "shortcut-first" for r in results)
     assert stats["t1"]["done"] == 40 and stats["t2"]["done"] == 40
+
+
+# ------------------------------------------------------------------- min_candidates
+
+
+def refusing(name: str) -> Member:
+    """A member whose server refuses every connection (retries spent at once)."""
+    return no_retry(Fake(name, const(""), fail=errors.ConnectError("connection refused")))
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("policy", ["exact", "quorum", "deadline"])
+async def test_an_unavailable_member_defers_items_instead_of_a_single_voice(policy: str) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"  # refuses every connection
+    down = TGIBackend(url, name="down")
+    members = [
+        no_retry(Fake("a", lambda p: f"answer {p}")),
+        Member(down, retry=RetryPolicy.never()),
+    ]
+    async with Ensemble(members, policy=policy, deadline_s=5.0) as ens:  # type: ignore[arg-type]
+        results = [r async for r in ens.map([f"q{i}" for i in range(10)])]
+    assert len(results) == 10
+    assert not any(r.kept for r in results)
+    assert all(r.rule == "too-few-candidates" for r in results)
+    assert all(r.deferred for r in results)
+    statuses = [r.candidates[1].status for r in results]
+    assert set(statuses) <= {"unavailable", "circuit_open"} and "unavailable" in statuses
+    assert all(r.to_dict()["deferred"] for r in results)
+
+    # Without a minimum the same run keeps every item on one voice: what the default stops.
+    members[1] = Member(TGIBackend(url, name="down"), retry=RetryPolicy.never())
+    async with Ensemble(members, policy=policy, deadline_s=5.0, min_candidates=1) as ens:  # type: ignore[arg-type]
+        results = [r async for r in ens.map([f"q{i}" for i in range(10)])]
+    assert all(r.kept and r.rule == "single" for r in results)
+
+
+async def test_a_request_failing_for_its_own_reason_is_no_unavailability() -> None:
+    members = [
+        no_retry(Fake("a", const("yes"))),
+        no_retry(Fake("long", const(""), fail=errors.ContextLengthError("too long"))),
+    ]
+    async with Ensemble(members) as ens:
+        result = await ens.run("q")
+    # The failure is the request's own answer (it would fail the same way later): it is
+    # recorded, and the item is decided, not deferred.
+    assert result.candidates[1].status == "failed"
+    assert "ContextLengthError" in (result.candidates[1].error or "")
+    assert result.rule == "single" and result.kept and not result.deferred
+
+
+async def test_too_few_is_decided_as_soon_as_the_minimum_is_out_of_reach() -> None:
+    never = asyncio.Event()
+    slow = Fake("slow", const("x"), gate=never)
+    members = [no_retry(Fake("a", const("x"))), refusing("down"), no_retry(slow)]
+    async with Ensemble(members, policy="exact", min_candidates=3) as ens:
+        result = await asyncio.wait_for(ens.run("q"), 10)
+    assert result.rule == "too-few-candidates" and result.deferred
+    assert result.candidates[2].status == "cancelled"
+    assert slow.cancelled == 1
+
+
+async def test_exact_does_not_decide_early_below_the_minimum() -> None:
+    gate = asyncio.Event()
+    slow = Fake("slow", const("whatever"), gate=gate)
+    members = [Fake("a", const("yes")), Fake("b", const("Yes!")), slow]
+    async with Ensemble(members, policy="exact") as ens:  # default: every candidate
+        task = asyncio.create_task(ens.run("q"))
+        await slow.started.wait()
+        await asyncio.sleep(0)  # let the fast members finish
+        assert not task.done()  # two agree, but the default asks for all three
+        gate.set()
+        result = await task
+    assert result.text == "yes" and not result.decision.early
+
+
+async def test_given_candidates_count_towards_the_minimum() -> None:
+    members = [no_retry(Fake("a", const("four"))), refusing("down")]
+    async with Ensemble(members, min_candidates=2) as ens:
+        result = await ens.run("2+2?", given=[("writer", "Four.")])
+        assert result.kept and result.rule == "shortcut-first"
+        with pytest.raises(ValueError, match="min_candidates=4"):
+            await Ensemble(members, min_candidates=4).run("q", given=[("w", "x")])
+
+
+async def test_map_results_carry_the_item_or_a_key() -> None:
+    requests = [GenerationRequest(prompt=f"p{i}", seed=i) for i in range(5)]
+    async with Ensemble([Fake("a", lambda p: p)]) as ens:
+        by_item = [r async for r in ens.map(requests, ordered=True)]
+        by_key = [r async for r in ens.map(requests, key=lambda r: r.seed)]  # type: ignore[union-attr]
+    assert [r.key for r in by_item] == requests
+    assert sorted(r.key for r in by_key) == [0, 1, 2, 3, 4]
+    assert all(r.text == f"p{r.key}" for r in by_key)
+    assert by_key[0].to_dict()["key"] == by_key[0].key
+
+
+def test_wrapping_options_for_ready_members_are_an_error() -> None:
+    ready = no_retry(Fake("ready", const("x")))
+    with pytest.raises(ValueError, match=r"global_concurrency.*'ready'"):
+        Ensemble([Fake("bare", const("x")), ready], global_concurrency=4)
+    with pytest.raises(ValueError, match=r"retry.*'ready'"):
+        Ensemble([ready], retry=RetryPolicy.never())
+    ens = Ensemble([Fake("bare", const("x"))], global_concurrency=4, retry=RetryPolicy.never())
+    assert ens.members[0].global_limit is ens.global_limit

@@ -27,7 +27,7 @@ def test_embed_example_runs_against_the_doubles() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     results, stats = lines[:-1], lines[-1]["stats"]
-    assert sorted(r["item"] for r in results) == [0, 1, 2, 3]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
     assert all(len(r["candidates"]) == 2 for r in results)
     assert set(stats) == {"tgi", "vllm"}
 

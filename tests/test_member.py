@@ -22,7 +22,14 @@ from ensemble_async.errors import (
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.stats import BackendStats, RateWindow, Reservoir, percentile
-from ensemble_async.types import BackendInfo, Completion, GenerationRequest, Health, StreamEvent
+from ensemble_async.types import (
+    BackendInfo,
+    Completion,
+    GenerationRequest,
+    Health,
+    StreamEvent,
+    TextDelta,
+)
 
 REQUEST = GenerationRequest(prompt="p" * 40, max_new_tokens=20)
 
@@ -275,9 +282,15 @@ async def test_attempt_timeout_covers_the_backend_call_and_shrinks_the_limit() -
 
 
 async def test_policy_attempt_timeout_is_applied_to_the_backend_call_only() -> None:
-    member = Member(FakeBackend(), retry=RetryPolicy(attempt_timeout_s=5))
-    assert member.timeout_s == 5
-    assert member.retry.attempt_timeout_s is None
+    limit = GlobalLimit(1)
+    member = Member(FakeBackend(), retry=RetryPolicy(attempt_timeout_s=0.05), global_limit=limit)
+    assert member.timeout_s == 0.05
+    async with limit.slot():  # admission is held well past the attempt timeout
+        task = asyncio.create_task(member.generate(REQUEST))
+        await asyncio.sleep(0.15)  # time passing, not synchronisation
+        assert not task.done()
+    assert len(await task) == 1  # the wait for the slot was not timed
+    assert member.stats.errors == {}
 
 
 async def test_start_reads_the_servers_max_concurrency() -> None:
@@ -427,3 +440,170 @@ def test_member_validates_its_bounds() -> None:
         Member(FakeBackend(), concurrency=8, max_concurrency=4)
     with pytest.raises(ValueError):
         Member(FakeBackend(), weight=0)
+
+
+# ------------------------------------------------------------------ caller's objects
+
+
+async def test_a_callers_breaker_is_used_but_not_changed() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def mine(old: object, new: object) -> None:
+        seen.append((str(old), str(new)))
+
+    breaker = CircuitBreaker(failure_threshold=1, on_change=mine)
+    member = Member(
+        FakeBackend(always=ServerError("down")), retry=RetryPolicy.never(), breaker=breaker
+    )
+    with pytest.raises(ServerError):
+        await member.generate(REQUEST)
+    assert breaker.on_change is mine
+    assert breaker.name is None
+    assert seen == [("closed", "open")]
+    assert member.stats.breaker_state == "open"  # the member follows it on its own
+    with pytest.raises(CircuitOpenError) as caught:
+        await member.generate(REQUEST)
+    assert caught.value.backend == "fake"  # the member names itself in the error
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+class StreamFake(BaseBackend):
+    """Streams from a script: each attempt pops a plan -- an error raised before the first
+    event, or a list of events where an exception stands for a failure at that point.
+    ``gate`` (when set) is awaited before each event after the first."""
+
+    kind = "streamer"
+
+    def __init__(self, plans: list[BaseException | list[StreamEvent | BaseException]]) -> None:
+        super().__init__(name="s")
+        self.plans = plans
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.closed_streams = 0
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        raise AssertionError("streams only")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        self.calls += 1
+        plan = self.plans.pop(0)
+        try:
+            if isinstance(plan, BaseException):
+                raise plan
+            for k, event in enumerate(plan):
+                if k and self.gate is not None:
+                    await self.gate.wait()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            self.closed_streams += 1
+
+
+def done(text: str = "hi") -> Completion:
+    return Completion(text, "stop", "s", 0.01, prompt_tokens=4, completion_tokens=2)
+
+
+async def test_stream_yields_deltas_then_the_completion_and_counts_it() -> None:
+    backend = StreamFake([[TextDelta("h"), TextDelta("i"), done()]])
+    member = Member(backend, retry=RetryPolicy.never())
+    events = [e async for e in member.stream(REQUEST)]
+    assert events == [TextDelta("h"), TextDelta("i"), done()]
+    snap = member.snapshot()
+    assert (snap["done"], snap["failed"], snap["completion_tokens"]) == (1, 0, 2)
+    assert member.limiter.in_flight == 0
+
+
+async def test_stream_retries_only_before_the_first_event() -> None:
+    waits = Waits()
+    backend = StreamFake(
+        [ServerError("boom"), [ServerError("empty 503")], [TextDelta("a"), done("a")]]
+    )
+    member = Member(backend, retry=quick_retry(waits, max_attempts=5))
+    assert [e async for e in member.stream(REQUEST)] == [TextDelta("a"), done("a")]
+    assert backend.calls == 3
+    assert member.stats.retried == 2
+
+    late = StreamFake([[TextDelta("a"), ServerError("mid-stream")], [done()]])
+    member = Member(late, retry=quick_retry(Waits(), max_attempts=5))
+    got: list[StreamEvent] = []
+    with pytest.raises(ServerError, match="mid-stream"):
+        async for event in member.stream(REQUEST):
+            got.append(event)
+    assert got == [TextDelta("a")]
+    assert late.calls == 1  # no retry once a token reached the caller
+    assert member.stats.failed == 1
+    assert member.limiter.in_flight == 0
+
+
+async def test_stream_holds_its_slot_until_it_ends_or_is_closed() -> None:
+    backend = StreamFake([[TextDelta("a"), done()], [TextDelta("b"), done()]])
+    limit = GlobalLimit(1)
+    member = Member(backend, concurrency=1, global_limit=limit, retry=RetryPolicy.never())
+    events = member.stream(REQUEST)
+    assert await anext(events) == TextDelta("a")
+    assert (member.limiter.in_flight, limit.in_flight) == (1, 1)
+    await events.aclose()  # the caller stops early
+    assert (member.limiter.in_flight, limit.in_flight) == (0, 0)
+    assert backend.closed_streams == 1
+    assert member.stats.cancelled == 1
+    assert [e async for e in member.stream(REQUEST)] == [TextDelta("b"), done()]
+
+
+async def test_stream_timeout_covers_the_whole_stream_and_is_not_retried_late() -> None:
+    backend = StreamFake([[TextDelta("a"), done()]])
+    backend.gate = asyncio.Event()  # the second event never comes
+    member = Member(backend, timeout_s=0.05, retry=quick_retry(Waits(), max_attempts=3))
+    got: list[StreamEvent] = []
+    with pytest.raises(RequestTimeoutError):
+        async for event in member.stream(REQUEST):
+            got.append(event)
+    assert got == [TextDelta("a")]
+    assert backend.calls == 1
+
+
+async def test_stream_respects_the_breaker() -> None:
+    breaker = CircuitBreaker(failure_threshold=1)
+    backend = StreamFake([ServerError("down"), [done()]])
+    member = Member(backend, breaker=breaker, retry=RetryPolicy.never())
+    with pytest.raises(ServerError):
+        [e async for e in member.stream(REQUEST)]
+    assert state(breaker) == "open"
+    with pytest.raises(CircuitOpenError):
+        [e async for e in member.stream(REQUEST)]
+    assert backend.calls == 1
+
+
+class GenerateOnly:
+    """The smallest Backend: a name, generate and aclose (no BaseBackend)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return "tiny"
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        self.calls += 1
+        return [done("tiny answer")]
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> GenerateOnly:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def test_a_backend_with_only_generate_works_everywhere() -> None:
+    backend = GenerateOnly()
+    assert isinstance(backend, Backend)
+    async with Member(backend, retry=RetryPolicy.never()) as member:  # start() reads info
+        assert (await member.generate(REQUEST))[0].text == "tiny answer"
+        assert [e async for e in member.stream(REQUEST)] == [done("tiny answer")]
+    assert backend.calls == 2

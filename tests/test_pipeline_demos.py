@@ -222,7 +222,7 @@ def test_member_flag_comes_from_the_config(tmp_path: Path) -> None:
 
 
 async def test_member_snapshot_counts_cache_hits(tmp_path: Path) -> None:
-    from ensemble_async.cache import CachedBackend, ResponseCache
+    from ensemble_async.cache import ResponseCache
     from ensemble_async.types import GenerationRequest
 
     request = GenerationRequest(prompt="Name a fruit.\n", max_new_tokens=8)
@@ -231,15 +231,17 @@ async def test_member_snapshot_counts_cache_hits(tmp_path: Path) -> None:
         async with TGIDouble() as double:
             plain = Member(TGIBackend(double.url, name="plain"), retry=RetryPolicy.never())
             cached = Member(
-                CachedBackend(TGIBackend(double.url, name="c"), cache, identity="m"),
+                TGIBackend(double.url, name="c"),
                 retry=RetryPolicy.never(),
+                cache=cache,
+                cache_identity="m",
             )
             for _ in range(3):
                 await cached.generate(request)
             await plain.generate(request)
             snap = cached.snapshot()
             assert (snap["cache_hits"], snap["cache_misses"]) == (2, 1)
-            assert snap["done"] == 3
+            assert snap["done"] == 1  # hits are not requests
             assert "cache_hits" not in plain.snapshot()
             assert len(double.received) == 2  # one miss, one plain call
             await cached.aclose()

@@ -166,12 +166,14 @@ async def test_attempt_timeout_is_retryable() -> None:
     async def hang() -> str:
         nonlocal calls
         calls += 1
-        await never.wait()
+        async with attempt_timeout(0.001):  # callers time their own attempts
+            await never.wait()
         return "never"
 
     t = FakeTime()
+    # The policy's attempt_timeout_s is a setting for Member; run() itself never times.
     with pytest.raises(RequestTimeoutError):
-        await policy(t, max_attempts=2, attempt_timeout_s=0.001).run(hang)
+        await policy(t, max_attempts=2, attempt_timeout_s=3600).run(hang)
     assert calls == 2
     assert t.sleeps == [0.5]
 

@@ -156,7 +156,7 @@ async def test_finish_reasons_and_token_counts(backend: TGIBackend, double: TGID
     assert short.finish_reason == "length"
     assert short.completion_tokens == 3
     assert len(short.text.split()) <= 3
-    assert short.prompt_tokens is None  # plain /generate does not report it
+    assert short.prompt_tokens == len(PROMPT.split())  # from TGI's x-prompt-tokens header
 
     full = await one(backend, max_new_tokens=500)  # ends with EOS before 500 tokens
     assert full.finish_reason == "stop"
@@ -373,7 +373,8 @@ async def test_transport_faults_generate(
     ("fault", "error", "needle"),
     [
         (Fault.reset(), errors.ConnectError, None),
-        (Fault.truncate(), errors.MalformedResponseError, "truncated"),
+        # TGI ends a generation cut short with an error event (500 incomplete_generation_stream)
+        (Fault.truncate(), errors.ServerError, "incomplete_generation_stream"),
         (Fault.malformed(), errors.MalformedResponseError, "not JSON"),
         (Fault.empty(), errors.MalformedResponseError, "truncated"),
         (Fault.stream_error("busy", "overloaded"), errors.OverloadedError, "busy"),

@@ -78,6 +78,13 @@ class Fault:
         )
 
     @classmethod
+    def generation_error(cls, message: str = "injected fault") -> Fault:
+        """TGI's failed generation: HTTP 424, ``error_type: generation``."""
+        return cls.status(
+            424, message=f"Request failed during generation: {message}", error_type="generation"
+        )
+
+    @classmethod
     def reset(cls) -> Fault:
         return cls(FaultKind.RESET)
 

@@ -8,6 +8,17 @@
 
 Text is deterministic: greedy requests (temperature 0) depend on the prompt only, and
 seeded sampling on prompt, seed and choice; a token is one whitespace-separated word.
+Log-probabilities come from the doubles' made-up model (``_lm``): a pure function of
+the text before a token and the token, so echoing a prompt plus a completion the double
+wrote reports the same per-token values it reported while writing it.  Completions honour
+``logprobs`` (an int: ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``),
+``echo`` (the prompt's tokens first, the very first with a null logprob; with
+``max_tokens: 0`` the prompt alone) and vLLM's ``prompt_logprobs``; chat honours
+``logprobs`` + ``top_logprobs`` (``logprobs.content``).  Chat content may be a string or
+a list of text parts; ``tool`` and ``developer`` messages are accepted.  In streams each
+choice's last text chunk carries its finish_reason, as vLLM's do.
+``logprobs=False`` plays a server that ignores all of that (``logprobs: null``, no echo).
+
 ``honour_n=False`` answers one choice per prompt whatever ``n`` says (llama.cpp, TGI);
 ``health_endpoint=False`` removes ``/health`` (llama.cpp has none); ``api_key`` demands
 a bearer token on ``/v1/*``.  Faults come from ``faults`` (a ``FaultPlan``), consulted
@@ -26,15 +37,16 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from . import _lm
 from ._server import LoopbackServer
 from .faults import Fault, FaultKind, FaultPlan
 
-__all__ = ["OpenAIDouble"]
+__all__ = ["OpenAIDouble", "render_chat"]
 
 _VOCABULARY = (
     "the a an of to and in is it that for on with as was at by be this from or are river "
@@ -48,7 +60,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _ERROR_TYPES = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError"}
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
@@ -73,10 +85,19 @@ class _Job:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    prompts: list[str] = field(default_factory=list)
+    """The prompt (chat: the rendered conversation) of each choice, by position."""
+    logprobs: int | None = None
+    """Completions: top alternatives per token; chat: ``top_logprobs`` (0 if unset)."""
+    echo: bool = False
+    prompt_logprobs: int | None = None
+    echo_only: bool = False
+    """``echo`` with ``max_tokens: 0``: the prompt alone comes back."""
 
     @property
     def completion_tokens(self) -> int:
-        return sum(len(c.pieces) for c in self.choices)
+        # vLLM generates one token for an echo-only request and counts it in usage
+        return sum(max(len(c.pieces), 1 if self.echo_only else 0) for c in self.choices)
 
 
 def _want(cond: bool, param: str, message: str) -> None:
@@ -159,9 +180,18 @@ class OpenAIDouble(LoopbackServer):
         flat_errors: bool = False,
         history: int = 64,
         responder: Callable[[str, dict[str, Any]], str] | None = None,
+        logprobs: bool = True,
+        max_logprobs: int = 20,
+        echo_max_tokens_zero: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
+        self.logprobs = logprobs
+        """Honour ``logprobs``, ``echo`` and ``prompt_logprobs``; False answers like a
+        server that ignores them (TGI's /v1): ``logprobs: null`` and no echo."""
+        self.max_logprobs = max_logprobs
+        self.echo_max_tokens_zero = echo_max_tokens_zero
+        """Accept ``max_tokens: 0`` with ``echo`` (vLLM does; older servers want >= 1)."""
         self.responder = responder
         """Writes a choice's text from (prompt, request body) instead of random words;
         ``max_tokens`` (a token is a whitespace-led word) and stop strings still apply."""
@@ -298,14 +328,7 @@ class OpenAIDouble(LoopbackServer):
         if chat:
             msgs = p.get("messages")
             _want(isinstance(msgs, list) and bool(msgs), "messages", "messages: non-empty list")
-            for m in msgs:
-                ok = isinstance(m, dict) and isinstance(m.get("content"), str)
-                _want(
-                    ok and m.get("role") in ("system", "user", "assistant"),
-                    "messages",
-                    "bad message",
-                )
-            prompts = ["".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"]
+            prompts = [render_chat(msgs)]
         else:
             prompt = p.get("prompt")
             prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -333,9 +356,17 @@ class OpenAIDouble(LoopbackServer):
         max_tokens = p.get("max_completion_tokens", p.get("max_tokens")) if chat else None
         if not chat:
             max_tokens = p.get("max_tokens", 16)
+            if max_tokens is None:  # vLLM reads an explicit null as the default
+                max_tokens = 16
         if max_tokens is None:
             max_tokens = max(1, self.max_model_len - longest)
-        _want(_is_int(max_tokens) and max_tokens >= 1, "max_tokens", "max_tokens must be >= 1")
+        logprobs, echo, prompt_logprobs = self._logprob_fields(p, chat, stream)
+        echo_only = echo and max_tokens == 0 and self.echo_max_tokens_zero
+        _want(
+            _is_int(max_tokens) and (max_tokens >= 1 or echo_only),
+            "max_tokens",
+            "max_tokens must be at least 1 (0 only with echo)",
+        )
         if longest + max_tokens > self.max_model_len:
             raise _Invalid(
                 400,
@@ -367,7 +398,67 @@ class OpenAIDouble(LoopbackServer):
                     _sample(k * per_prompt + i, key, max_tokens, min_tokens, tuple(stop), chat)
                 )
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return _Job(chat, choices, sum(prompt_tokens), stream, include_usage)
+        return _Job(
+            chat,
+            choices,
+            sum(prompt_tokens),
+            stream,
+            include_usage,
+            prompts=[prompts[c.index // per_prompt] for c in choices],
+            logprobs=logprobs,
+            echo=echo,
+            prompt_logprobs=prompt_logprobs,
+            echo_only=echo_only,
+        )
+
+    def _logprob_fields(
+        self, p: dict[str, Any], chat: bool, stream: bool
+    ) -> tuple[int | None, bool, int | None]:
+        """(logprobs, echo, prompt_logprobs) as this server honours them, validated."""
+        echo = p.get("echo", False) if not chat else False
+        _want(echo is None or isinstance(echo, bool), "echo", "echo must be a boolean")
+        prompt_logprobs = p.get("prompt_logprobs") if not chat else None
+        if chat:
+            wanted = p.get("logprobs", False)
+            _want(wanted is None or isinstance(wanted, bool), "logprobs", "logprobs: boolean")
+            top = p.get("top_logprobs")
+            _want(
+                top is None or (_is_int(top) and 0 <= top <= self.max_logprobs),
+                "top_logprobs",
+                f"top_logprobs must be an integer in [0, {self.max_logprobs}]",
+            )
+            _want(
+                top is None or bool(wanted),
+                "top_logprobs",
+                "when using `top_logprobs`, `logprobs` must be set to true",
+            )
+            logprobs = (top or 0) if wanted else None
+        else:
+            logprobs = p.get("logprobs")
+            _want(
+                logprobs is None or (_is_int(logprobs) and logprobs >= 0),
+                "logprobs",
+                "`logprobs` must be a non-negative integer",
+            )
+            _want(
+                logprobs is None or logprobs <= self.max_logprobs,
+                "logprobs",
+                f"requested {logprobs} logprobs per token, more than this server's "
+                f"maximum of {self.max_logprobs}",
+            )
+            _want(
+                prompt_logprobs is None or (_is_int(prompt_logprobs) and prompt_logprobs >= 0),
+                "prompt_logprobs",
+                "`prompt_logprobs` must be a non-negative integer",
+            )
+            _want(
+                prompt_logprobs is None or not stream,
+                "prompt_logprobs",
+                "`prompt_logprobs` are not available when `stream=True`",
+            )
+        if not self.logprobs:  # a server that ignores all of them
+            return None, False, None
+        return logprobs, bool(echo), prompt_logprobs
 
     def _head(self, job: _Job, *, chunk: bool) -> dict[str, Any]:
         kind = "chat.completion" if job.chat else "text_completion"
@@ -389,18 +480,29 @@ class OpenAIDouble(LoopbackServer):
     def _body(self, job: _Job) -> dict[str, Any]:
         choices = []
         for c in job.choices:
+            prompt = job.prompts[c.index] if job.prompts else ""
             out: dict[str, Any] = {"index": c.index}
+            logprobs: dict[str, Any] | None = None
             if job.chat:
                 out["message"] = {"role": "assistant", "content": c.text}
+                if job.logprobs is not None:
+                    logprobs = {"content": _chat_logprobs(prompt, c.pieces, job.logprobs)}
             else:
-                out["text"] = c.text
-            out.update(logprobs=None, finish_reason=c.finish, stop_reason=c.stop_reason)
+                head = prompt if job.echo else ""
+                out["text"] = head + ("" if job.echo_only else c.text)
+                if job.logprobs is not None:
+                    entries = _entries(prompt, () if job.echo_only else c.pieces, job.echo)
+                    logprobs = _completion_logprobs(prompt, entries, job.logprobs, 0)
+            out.update(logprobs=logprobs, finish_reason=c.finish, stop_reason=c.stop_reason)
+            if job.prompt_logprobs is not None:
+                out["prompt_logprobs"] = _prompt_logprobs(prompt, job.prompt_logprobs)
             choices.append(out)
         return {**self._head(job, chunk=False), "choices": choices, "usage": self._usage(job)}
 
     def _events(self, job: _Job) -> list[list[dict[str, Any]]]:
         """Stream chunks in rounds; each round has one chunk per still-running choice, so
-        the choices interleave.  The usage chunk (if asked) is the last round."""
+        the choices interleave.  A choice's last text chunk carries its finish_reason (as
+        vLLM's do); the usage chunk (if asked) is the last round."""
         head = self._head(job, chunk=True)
         rounds: list[list[dict[str, Any]]] = []
         if job.chat:
@@ -414,19 +516,34 @@ class OpenAIDouble(LoopbackServer):
                 for c in job.choices
             ]
             rounds.append([{**head, "choices": [ch]} for ch in start])
-        for step in range(max((len(c.pieces) for c in job.choices), default=0) + 1):
+        steps = [1 if job.echo_only else max(len(c.pieces), 1) for c in job.choices]
+        offsets = [0] * len(job.choices)
+        for step in range(max(steps, default=0)):
             chunks = []
-            for c in job.choices:
-                if step > len(c.pieces):
+            for k, c in enumerate(job.choices):
+                if step >= steps[k]:
                     continue
-                last = step == len(c.pieces)
+                last = step == steps[k] - 1
+                prompt = job.prompts[c.index] if job.prompts else ""
+                pieces = () if job.echo_only else c.pieces[step : step + 1]
+                before = "".join(c.pieces[:step])
+                logprobs: dict[str, Any] | None = None
                 if job.chat:
-                    ch: dict[str, Any] = {"index": c.index, "delta": {}}
-                    if not last:
-                        ch["delta"] = {"content": c.pieces[step]}
+                    ch: dict[str, Any] = {"index": c.index, "delta": {"content": "".join(pieces)}}
+                    if job.logprobs is not None:
+                        content = _chat_logprobs(prompt + before, pieces, job.logprobs)
+                        logprobs = {"content": content}
                 else:
-                    ch = {"index": c.index, "text": "" if last else c.pieces[step]}
-                ch.update(logprobs=None, finish_reason=c.finish if last else None)
+                    echo = job.echo and step == 0
+                    text = (prompt if echo else "") + "".join(pieces)
+                    ch = {"index": c.index, "text": text}
+                    if job.logprobs is not None:
+                        entries = _entries(prompt, pieces, echo, before=before)
+                        logprobs = _completion_logprobs(
+                            prompt + before, entries, job.logprobs, offsets[k]
+                        )
+                    offsets[k] += len(text)
+                ch.update(logprobs=logprobs, finish_reason=c.finish if last else None)
                 if last:
                     ch["stop_reason"] = c.stop_reason
                 chunks.append({**head, "choices": [ch]})
@@ -505,6 +622,131 @@ class OpenAIDouble(LoopbackServer):
             }
         }
         return await self._stream(request, job, [*half, [error]])
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def render_chat(messages: list[Any]) -> str:
+    """The double's chat template: ``role: content`` lines, then ``assistant:``.
+
+    Content is a string or a list of ``{"type": "text", "text": ...}`` parts (joined);
+    an assistant message may have null content (tool calls); ``tool`` messages count.
+    Raises ``_Invalid`` (400) for anything else, as vLLM's schema does.
+    """
+    lines = []
+    for m in messages:
+        _want(isinstance(m, dict) and m.get("role") in _ROLES, "messages", "bad message role")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                ok = isinstance(part, dict) and part.get("type") == "text"
+                _want(ok and isinstance(part.get("text"), str), "messages", "bad content part")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None:
+            _want(m["role"] == "assistant", "messages", "message content is missing")
+            content = ""
+        _want(isinstance(content, str), "messages", "message content must be text")
+        lines.append(f"{m['role']}: {content}\n")
+    return "".join(lines) + "assistant:"
+
+
+def _entries(
+    prompt: str, pieces: tuple[str, ...], echo: bool, *, before: str = ""
+) -> list[tuple[str, str, float | None]]:
+    """(context, token, logprob) of each returned token: the prompt's first when echoed
+    (its first token has no logprob, as in vLLM), then the generated pieces."""
+    out: list[tuple[str, str, float | None]] = []
+    if echo:
+        seen = ""
+        for i, token in enumerate(_lm.split_words(prompt)):
+            out.append((seen, token, None if i == 0 else _lm.logprob(seen, token)))
+            seen += token
+    context = prompt + before
+    for piece in pieces:
+        out.append((context, piece, _lm.logprob(context, piece)))
+        context += piece
+    return out
+
+
+def _completion_logprobs(
+    prompt: str, entries: list[tuple[str, str, float | None]], top: int, offset: int
+) -> dict[str, Any]:
+    """The completions API's logprobs object; ``top`` alternatives beside each token."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for context, token, lp in entries:
+        tokens.append(token)
+        token_logprobs.append(lp)
+        offsets.append(offset)
+        offset += len(token)
+        if lp is None:
+            tops.append(None)
+            continue
+        best = {token: lp}
+        for alt in _lm.alternatives(context, token, _ALTERNATIVES, top):
+            best[alt] = _lm.logprob(context, alt)
+        tops.append(best)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": token_logprobs,
+        "tokens": tokens,
+        "top_logprobs": tops,
+    }
+
+
+def _chat_logprobs(context: str, pieces: tuple[str, ...], top: int) -> list[dict[str, Any]]:
+    """The chat API's ``logprobs.content`` entries for generated pieces."""
+    out = []
+    for piece in pieces:
+        lp = _lm.logprob(context, piece)
+        alts = [piece, *_lm.alternatives(context, piece, _ALTERNATIVES, top - 1)][:top]
+        out.append(
+            {
+                "token": piece,
+                "logprob": lp,
+                "bytes": list(piece.encode()),
+                "top_logprobs": [
+                    {
+                        "token": a,
+                        "logprob": lp if a == piece else _lm.logprob(context, a),
+                        "bytes": list(a.encode()),
+                    }
+                    for a in alts
+                ],
+            }
+        )
+        context += piece
+    return out
+
+
+def _prompt_logprobs(prompt: str, top: int) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a map
+    from token id to ``{logprob, rank, decoded_token}`` (the token and ``top`` others)."""
+    out: list[dict[str, Any] | None] = []
+    seen = ""
+    for i, token in enumerate(_lm.split_words(prompt)):
+        if i == 0:
+            out.append(None)
+        else:
+            entry = {str(_lm.token_id(token)): _entry(seen, token, None)}
+            for rank, alt in enumerate(_lm.alternatives(seen, token, _ALTERNATIVES, top), 2):
+                entry.setdefault(str(_lm.token_id(alt)), _entry(seen, alt, rank))
+            out.append(entry)
+        seen += token
+    return out
+
+
+def _entry(context: str, token: str, rank: int | None) -> dict[str, Any]:
+    lp = _lm.logprob(context, token)
+    return {"logprob": lp, "rank": rank if rank is not None else 1, "decoded_token": token}
+
+
+_ALTERNATIVES = tuple(" " + w for w in _WORDS)
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

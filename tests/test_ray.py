@@ -1,0 +1,185 @@
+"""The Ray integration on a local cluster: a cluster-hosted model as an ensemble member,
+recovery from a killed actor, and the ensemble as a Ray Data batch mapper.
+
+One Ray instance serves the whole module (starting one takes seconds); the servers are
+the project's doubles in subprocesses, so actors in other processes can reach them.
+Skipped with a reason when Ray is not installed."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from served import Server
+
+from ensemble_async.ensemble import Ensemble
+from ensemble_async.member import Member
+from ensemble_async.retry import RetryPolicy
+from ensemble_async.types import GenerationRequest
+
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("ray is not installed (the 'ray' extra)", allow_module_level=True)
+
+import ray
+
+from ensemble_async.ray import EnsembleMapper, RayBackend
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(
+        num_cpus=8,  # logical slots: actors here are I/O bound or tiny
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def doubles() -> Iterator[tuple[str, str]]:
+    tgi = Server("tgi", "--latency", "0.05")
+    oai = Server("openai", "--latency", "0.05")
+    try:
+        yield tgi.url, oai.url
+    finally:
+        tgi.stop()
+        oai.stop()
+
+
+def test_core_imports_every_module_without_ray() -> None:
+    script = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        class Absent:  # as if Ray were not installed: no finder knows it
+            def find_spec(self, name, path=None, target=None):
+                if name == "ray" or name.startswith("ray."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+        sys.meta_path.insert(0, Absent())
+        import ensemble_async
+        names = [m.name for m in pkgutil.walk_packages(ensemble_async.__path__, "ensemble_async.")]
+        core = [
+            n for n in names
+            if not n.startswith("ensemble_async.ray") and not n.endswith("__main__")
+        ]
+        for name in core:
+            importlib.import_module(name)
+        assert "ray" not in sys.modules
+        try:
+            importlib.import_module("ensemble_async.ray")
+        except ImportError as exc:
+            assert "ensemble-async[ray]" in str(exc), exc
+        else:
+            raise SystemExit("ensemble_async.ray imported without Ray")
+        print(len(core))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 30  # every core module was imported
+
+
+async def test_cluster_hosted_model_is_one_member_and_matches_the_local_model(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    from ensemble_async.backends.transformers import TransformersBackend
+    from ensemble_async.models import MissingModelError, embedded_backend_options
+
+    try:
+        options = embedded_backend_options("smollm2-135m-instruct")
+    except MissingModelError as exc:
+        pytest.skip(f"embedded SmolLM2 not available: {exc}")
+    options.pop("name", None)
+    prompts = [f"Name {k} fruits:" for k in range(2, 6)]
+    requests = [GenerationRequest(prompt=p, max_new_tokens=8) for p in prompts]
+    async with TransformersBackend(**options, threads=1) as local:
+        expected = [(await local.generate(r))[0].text for r in requests]
+
+    hosted = RayBackend(replicas=2, name="smol-on-ray", threads=1, **options)
+    _, oai = doubles
+    from ensemble_async.backends.openai import OpenAIBackend
+
+    members = [Member(hosted, concurrency=8), Member(OpenAIBackend(oai, name="double"))]
+    async with Ensemble(members) as ensemble:
+        results = [r async for r in ensemble.map(requests, ordered=True)]
+        info = await hosted.info()
+        served = hosted.served()
+    assert [r.candidates[0].source for r in results] == ["smol-on-ray"] * len(prompts)
+    got = [r.candidates[0].completion for r in results]
+    assert [c.text if c else None for c in got] == expected  # greedy: same text as local
+    assert all(c is not None and c.backend == "smol-on-ray" for c in got)
+    assert all(r.candidates[1].status == "ok" for r in results)
+    assert info.kind == "ray" and info.extra["replicas"] == 2
+    assert sum(served) == len(prompts) and min(served) >= 1  # both actors worked
+
+
+async def test_a_killed_actor_is_restarted_and_its_requests_are_retried(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    _, oai = doubles
+    backend = RayBackend(hosted_kind="openai", url=oai, replicas=2, num_cpus=0.5, name="proxied")
+    member = Member(
+        backend,
+        concurrency=16,
+        retry=RetryPolicy(max_attempts=6, initial_backoff_s=0.1, max_backoff_s=1.0),
+    )
+    async with member:
+        pids = await backend.actor_pids()
+        requests = [GenerationRequest(prompt=f"item {i}", max_new_tokens=4) for i in range(60)]
+        tasks = [asyncio.create_task(member.generate(r)) for r in requests]
+        _done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        os.kill(pids[0], signal.SIGKILL)  # mid-run: other requests are in flight
+        results = await asyncio.gather(*tasks)
+        after = await backend.actor_pids()
+    assert len(results) == 60 and all(len(r) == 1 and r[0].text for r in results)
+    assert after[0] != pids[0]  # Ray restarted the actor in a new process
+    assert member.stats.snapshot()["retried"] >= 1  # in-flight requests were sent again
+
+
+def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple[str, str]) -> None:
+    tgi, oai = doubles
+    members: list[dict[str, Any]] = [
+        {"kind": "tgi", "url": tgi, "name": "tgi"},
+        {"kind": "openai", "url": oai, "name": "vllm", "concurrency": 4},
+    ]
+    prompts = [f"Question number {i}?" for i in range(10)]
+    ds = ray.data.from_items([{"prompt": p, "id": i} for i, p in enumerate(prompts)])
+    labelled = ds.map_batches(
+        EnsembleMapper,
+        fn_constructor_kwargs={"members": members, "max_new_tokens": 8},
+        batch_size=4,
+        concurrency=1,
+        num_cpus=0.5,
+    )
+    rows = sorted(labelled.take_all(), key=lambda r: int(r["id"]))
+    assert [r["prompt"] for r in rows] == prompts
+
+    # The same items through an Ensemble in this process decide the same way.
+    mapper = EnsembleMapper(members, max_new_tokens=8)
+    try:
+        direct = mapper({"prompt": prompts})
+    finally:
+        mapper.close()
+    for i, row in enumerate(rows):
+        assert bool(row["kept"]) == bool(direct["kept"][i])
+        assert row["text"] == direct["text"][i] and row["rule"] == direct["rule"][i]
+        candidates = json.loads(row["candidates"])
+        assert [c["source"] for c in candidates] == ["tgi", "vllm"]
+        assert all(c["status"] == "ok" for c in candidates)
