@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, TextIO, overload
 
-__all__ = ["AtomicWriteError", "replacing", "write_bytes", "write_text"]
+__all__ = ["AtomicWriteError", "check_target", "replacing", "write_bytes", "write_text"]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
