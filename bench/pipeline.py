@@ -118,9 +118,9 @@ async def embedded_runs(
     runs: dict[str, PipelineSettings],
 ) -> dict[str, tuple[PipelineSummary, float, int]]:
     """Each run on the same loaded local models (no cache); (summary, wall, tokens)."""
-    from ensemble_async.config import build_members, default_config
+    from ensemble_async.assemble import build_members, embedded_config
 
-    config = default_config()
+    config = embedded_config()
     writer, answerers = build_members(config)
     members = list(dict.fromkeys([writer, *answerers]))
     out: dict[str, tuple[PipelineSummary, float, int]] = {}

@@ -1,14 +1,18 @@
 """``python -m ensemble_async``: the command-line runner.
 
+Layer: the top.  This module parses arguments, calls ``ensemble_async.assemble`` (which
+builds everything a command runs with) and prints; it builds no backend or member
+itself.
+
 Subcommands:
 
-* ``ask [PROMPT] [--member KIND=URL_OR_MODEL,...]``: one prompt through the ensemble
-  (the default command);
-* ``generate [--config X.toml] [--quiet | --log-jsonl PATH] [--output PATH]``: the
-  Ensemble-Instruct pipeline (without ``--config``: the embedded default, two local
+* ``ask [PROMPT] [--member KIND[=URL_OR_MODEL][,key=value...]]``: one prompt through the
+  ensemble (the default command);
+* ``generate [--config X.toml] [--quiet | --log-jsonl PATH] [--output PATH] [--limit N]``:
+  the Ensemble-Instruct pipeline (without ``--config``: the embedded default, two local
   models); resumable: rerun the same command after a crash and it continues;
-* ``check --config X.toml``: reach every configured backend (health, model, latency of
-  a 1-token request);
+* ``check --config X.toml``: reach every configured backend (health, model served,
+  latency of a 1-token request);
 * ``consensus IN.jsonl [--out OUT.jsonl] [--threshold T]``: re-run step 5 on lines
   that carry ``candidates``;
 * ``export --format alpaca|chat|messages|prompt-completion|parquet|hf IN OUT``: records
@@ -19,12 +23,14 @@ Subcommands:
 * ``backends``: the registered backend kinds.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad usage, configuration or input
-(the message names the file, key or line); 3 backends unreachable (``check``) or every
-backend failed; 4 the output cannot be written (full disk, read-only, not creatable);
-5 items deferred (a member was unavailable: rerun the same command when it is back);
-6 the output is locked by another run; 7 the output is not a records file (or not a
-regular file); 8 the records file is corrupt (a bad line before its last); 130 interrupted (Ctrl-C or SIGTERM: the
-run is cancelled, finished records are on disk, sessions are closed).
+(the message names the file, key or line; also a rerun whose run manifest differs); 3 a
+backend cannot serve (``check``, the probe before ``generate``) or every backend failed;
+4 the output cannot be written (full disk, read-only, not creatable); 5 items deferred (a
+member was unavailable: rerun the same command when it is back); 6 the output is locked
+by another run; 7 the output is not a records file (or not a regular file); 8 the
+records file is corrupt (a bad line before its last); 130 interrupted (Ctrl-C or SIGTERM,
+any subcommand: the run is cancelled, finished records are on disk, sessions are closed,
+no half-written file is left).
 """
 
 from __future__ import annotations
@@ -34,41 +40,47 @@ import asyncio
 import contextlib
 import errno
 import json
+import math
 import os
 import signal
 import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .backend import Backend, health_of, info_of
+from .assemble import (
+    MemberCannotServe,
+    Probe,
+    ask_ensemble,
+    check,
+    embedded_config,
+    load_seeds,
+    open_run,
+)
+from .atomicfile import AtomicWriteError, write_text
 from .config import (
+    BackendConfig,
     Config,
     ConfigError,
     OutputError,
-    build_members,
     check_environment,
     check_output_writable,
-    create_backends,
-    default_config,
     load_config,
+    member_configs,
+    output_path,
 )
 from .consensus import select
-from .ensemble import Ensemble
-from .errors import BackendError, UnknownBackendError
+from .manifest import ManifestError
 from .member import Member
 from .progress import Mode, Progress
 from .records import RecordFileError
-from .registry import backend_kinds, create_backend
-from .retry import RetryPolicy
-from .secret import MissingSecretError
-from .seedtasks import SeedFormatError, load_seed_tasks
+from .registry import ALIASES, backend_kinds
+from .seedtasks import SeedTask
 from .types import ChatMessage, GenerationRequest
 
 EXIT_OK = 0
@@ -83,71 +95,51 @@ EXIT_CORRUPT_RECORDS = 8
 EXIT_INTERRUPTED = 130
 
 DEFAULT_PROMPT = "Give three short tips for writing clear instructions."
+MAX_CANDIDATES = 1024
+"""Most candidates ``consensus`` accepts on one line (pairwise ROUGE-L is quadratic)."""
+
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
     """Bad command-line input; the message names what is wrong."""
 
 
-@dataclass(frozen=True)
-class MemberSpec:
-    kind: str
-    options: dict[str, Any]
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` runs (temporary files removed,
+    sessions closed) and the command exits 130."""
 
 
-def parse_member(text: str) -> MemberSpec:
-    """``KIND=URL_OR_MODEL[,key=value...]``, e.g. ``tgi=http://gpu1:8080`` or
-    ``openai=http://gpu2:8000,model=meta-llama/Llama-3.1-8B,api_key_env=VLLM_KEY``."""
-    kind, sep, rest = text.partition("=")
-    if not sep or not kind or not rest:
-        raise UsageError(f"--member {text!r}: expected KIND=URL_OR_MODEL[,key=value...]")
-    target, *pairs = rest.split(",")
-    options: dict[str, Any] = {"model" if kind == "transformers" else "url": target}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--member {text!r}: option {pair!r} is not key=value")
-        options[key] = _coerce(value)
-    return MemberSpec(kind, options)
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run`` with SIGTERM cancelling the main task (like Ctrl-C does), so the
+    run unwinds through its ``async with`` blocks; ``asyncio.CancelledError`` comes out."""
+
+    async def guarded() -> _T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        installed = False
+        if task is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+                installed = True
         try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
+            return await coro
+        finally:
+            if installed:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signal.SIGTERM)
+                # remove_signal_handler resets to the default action; keep ours
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    return asyncio.run(guarded())
 
 
-def default_members() -> list[MemberSpec]:
-    """The embedded default ensemble: the two small local models from PyPI."""
-    from .models import embedded_backend_options, embedded_models
-
-    return [MemberSpec("transformers", embedded_backend_options(m.key)) for m in embedded_models()]
-
-
-def _build(specs: Sequence[MemberSpec]) -> list[Backend]:
-    backends: list[Backend] = []
-    names: set[str] = set()
-    for i, spec in enumerate(specs):
-        options = dict(spec.options)
-        name = str(options.get("name") or f"{spec.kind}-{i}")
-        if name in names:
-            name = f"{name}-{i}"
-        names.add(name)
-        options["name"] = name
-        try:
-            backends.append(create_backend(spec.kind, **options))
-        except UnknownBackendError as exc:
-            raise UsageError(str(exc)) from None
-        except MissingSecretError as exc:
-            raise UsageError(f"member {name}: {exc}") from None
-        except TypeError as exc:
-            raise UsageError(f"member {name} ({spec.kind}): bad option: {exc}") from None
-    return backends
+# ----------------------------------------------------------------------------- ask
 
 
 def _request(args: argparse.Namespace) -> GenerationRequest:
@@ -163,52 +155,56 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
         raise UsageError(str(exc)) from None
 
 
-def member_specs(args: argparse.Namespace) -> list[MemberSpec]:
-    """The ``--member`` options, or the embedded default (this may assemble a model file:
-    call it before the event loop starts)."""
+def member_specs(args: argparse.Namespace) -> list[BackendConfig]:
+    """The ``--member`` options, or every backend of the embedded default (this may
+    assemble a model file: call it before the event loop starts)."""
     if args.member:
-        return [parse_member(m) for m in args.member]
-    try:
-        return default_members()
-    except FileNotFoundError as exc:  # MissingModelError says which package to install
-        raise UsageError(str(exc)) from None
+        return member_configs(args.member)
+    return list(_embedded().backends.values())
+
+
+def _check_ask(args: argparse.Namespace) -> None:
+    if args.attempts < 1:
+        raise UsageError(f"--attempts must be >= 1, got {args.attempts}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a number > 0, got {args.timeout}")
 
 
 async def _run_ask(
-    args: argparse.Namespace, console: Console, specs: Sequence[MemberSpec] | None = None
+    args: argparse.Namespace, console: Console, specs: Sequence[BackendConfig] | None = None
 ) -> int:
+    _check_ask(args)
     specs = member_specs(args) if specs is None else specs
     request = _request(args)
-    backends = _build(specs)
-    # Every candidate is shown, so wait for all of them (up to the timeout).
-    ensemble = Ensemble(
-        [Member(b, retry=RetryPolicy(max_attempts=args.attempts)) for b in backends],
-        policy="deadline",
-        deadline_s=args.timeout,
-    )
+    ensemble = ask_ensemble(specs, attempts=args.attempts, deadline_s=args.timeout)
     async with ensemble:
         result = await ensemble.run(request)
 
-    table = Table(title=f"{len(backends)} members, {result.wall_s:.2f} s", show_lines=True)
+    table = Table(title=f"{len(specs)} members, {result.wall_s:.2f} s", show_lines=True)
     for column in ("#", "member", "candidate", "finish", "tokens", "latency"):
         table.add_column(column)
     for c in result.candidates:
         if c.completion is None:
             table.add_row(
-                str(c.index), c.source, f"[red]{c.status}: {c.error or ''}[/red]", "-", "-", "-"
+                str(c.index),
+                escape(c.source),
+                "[red]" + escape(f"{c.status}: {c.error or ''}") + "[/red]",
+                "-",
+                "-",
+                "-",
             )
             continue
         done = c.completion
         mark = " [green](kept)[/green]" if result.decision.index == c.index else ""
         table.add_row(
             str(c.index),
-            c.source + mark,
-            done.text.strip(),
+            escape(c.source) + mark,
+            escape(done.text.strip()),
             done.finish_reason,
             f"{done.prompt_tokens}+{done.completion_tokens}",
             f"{done.latency_s:.2f}s",
         )
-    console.print(f"[bold]prompt:[/bold] {args.prompt}")
+    console.print(f"[bold]prompt:[/bold] {escape(args.prompt)}")
     console.print(table)
     selection = result.decision.selection
     if result.kept:
@@ -224,236 +220,126 @@ async def _run_ask(
 # ------------------------------------------------------------------------- generate
 
 
+def _embedded() -> Config:
+    try:
+        return embedded_config()
+    except FileNotFoundError as exc:  # MissingModelError says which package to install
+        raise UsageError(str(exc)) from None
+
+
 def _load(args: argparse.Namespace) -> Config:
     """The config named by ``--config``, else the embedded default.  The default resolves
     (and may assemble) the model files: this runs before the event loop starts."""
     if args.config is not None:
         return load_config(args.config)
-    try:
-        return default_config()
-    except FileNotFoundError as exc:  # MissingModelError says which package to install
-        raise UsageError(str(exc)) from None
+    return _embedded()
 
 
-def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, TextIO | None]:
+def _progress_mode(args: argparse.Namespace, err: Console) -> tuple[Mode, Path | None]:
+    """The progress mode and the ``--log-jsonl`` file (opened only once the run starts,
+    so a run refused by the probe leaves no log file either)."""
     if args.log_jsonl is not None:
         if args.log_jsonl == "-":
             return "jsonl", None
+        if not args.log_jsonl.strip() or args.log_jsonl.endswith(("/", os.sep)):
+            raise UsageError("--log-jsonl: name a file, or '-' for stderr")
         path = Path(args.log_jsonl)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return "jsonl", path.open("a", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError("--log-jsonl", None, f"{path}: {exc.strerror or exc}") from None
+        if path.is_dir():
+            raise UsageError(f"--log-jsonl: {path} is a directory")
+        return "jsonl", path
     if args.quiet or not err.is_terminal:
         return "quiet", None
     return "rich", None
 
 
 def run_generate(args: argparse.Namespace, err: Console) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
     config = _load(args)
     if args.output is not None:
-        config = config.with_output(args.output)
+        config = config.with_output(output_path(args.output, source="--output", key=None))
+    if args.limit is not None:
+        config = config.with_limit(args.limit)
     check_environment(config)  # before anything is created on disk
     check_output_writable(config)
-    settings = config.settings()
+    seeds = load_seeds(config)
+    mode, log_path = _progress_mode(args, err)
     try:
-        seeds = load_seed_tasks(config.run.seeds)
-    except SeedFormatError as exc:
-        raise UsageError(str(exc)) from None
+        return _run_async(generate(config, seeds, mode=mode, console=err, log=log_path))
+    except MemberCannotServe as exc:
+        for probe in exc.probes:
+            err.print(f"[red]error:[/red] {escape(probe.problem())}", highlight=False)
+        err.print("nothing was written; fix the member(s) above and rerun", highlight=False)
+        return EXIT_BACKENDS_FAILED
+    except BaseException as exc:
+        storage = storage_failure(exc)
+        if storage is None:
+            raise
+        raise OutputError(
+            config.source,
+            "run.output",
+            f"writing stopped: {storage} (records already written are intact; free "
+            "space and rerun the same command to continue)",
+        ) from None
+
+
+@contextlib.contextmanager
+def _open_log(path: Path) -> Iterator[TextIO]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a", encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(config.source, "run.seeds", f"{exc.strerror or exc}") from None
-    mode, log_file = _progress_mode(args, err)
-    try:
-        try:
-            return asyncio.run(
-                generate(config, settings, seeds, mode=mode, console=err, log=log_file)
-            )
-        except BaseException as exc:
-            storage = storage_failure(exc)
-            if storage is None:
-                raise
-            raise OutputError(
-                config.source,
-                "run.output",
-                f"writing stopped: {storage} (records already written are intact; free "
-                "space and rerun the same command to continue)",
-            ) from None
-    finally:
-        if log_file is not None:
-            log_file.close()
+        raise OutputError("--log-jsonl", None, f"{path}: {exc.strerror or exc}") from None
+    with f:
+        yield f
 
 
 async def generate(
     config: Config,
-    settings: Any,
-    seeds: Sequence[Any],
+    seeds: Sequence[SeedTask],
     *,
     mode: Mode = "quiet",
     console: Console | None = None,
-    log: TextIO | None = None,
+    log: TextIO | Path | None = None,
 ) -> int:
-    """Run the pipeline for ``config``: members, cache and record files opened and
-    closed here.  SIGTERM cancels the run like Ctrl-C (records written so far stay)."""
-    from .pipeline import Pipeline
-
+    """Run the pipeline for ``config`` (``assemble.open_run`` opens and closes the
+    members, cache and record files; this shows progress and the summary).  ``log``:
+    where JSON-lines progress goes (a path is opened, for appending, after the probe)."""
     console = console or Console(stderr=True)
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        if task is not None:
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            cache = None
-            if config.run.cache:
-                cache = await stack.enter_async_context(_open_cache(config))
-            writer, answerers = build_members(config, cache=cache)
-            members = list(dict.fromkeys([writer, *answerers]))
-            for member in members:
-                stack.push_async_callback(member.aclose)
-            sink = await stack.enter_async_context(_open_records(config))
-            progress = Progress(
-                mode,
-                members=members,
-                targets={"instructions": sum(config.run.targets.to_dict().values())},
-                console=console,
-                log=log,
-            )
-            if mode == "jsonl":
-                progress.log_start(
-                    config=config.source,
-                    output=str(config.run.output),
-                    existing_records=sink.count,
-                    backends=[config.backends[m.name].describe() for m in members],
-                )
-            try:
-                async with progress:
-                    for member in members:
-                        await member.start()
-                    fingerprint = await _check_manifest(config, settings, seeds, members)
-                    pipeline = Pipeline(
-                        writer=writer,
-                        answerers=answerers,
-                        seeds=seeds,
-                        settings=settings,
-                        sink=sink,
-                        events=progress,
-                        writer_answers=_writer_answers(config),
-                        served_by=_served_by(config),
-                        fingerprint=fingerprint,
-                    )
-                    summary = await pipeline.run()
-            except asyncio.CancelledError:
-                progress.summary(status="interrupted")
-                raise
-            progress.summary(summary)
-            if _all_failed(members):
-                console.print("[red]every backend failed[/red]")
-                return EXIT_BACKENDS_FAILED
-            if summary.deferred:
-                reasons = ", ".join(f"{r} x{n}" for r, n in summary.deferred_reasons.items())
-                console.print(
-                    f"[yellow]{summary.deferred} item(s) deferred[/yellow] ({reasons}): "
-                    "rerun the same command once every backend is back"
-                )
-                return EXIT_DEFERRED
-            return EXIT_OK
-    finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGTERM)
-
-
-async def _check_manifest(
-    config: Config, settings: Any, seeds: Sequence[Any], members: Sequence[Member]
-) -> str:
-    """Build the run manifest, compare it with the one beside the records (write it when
-    there is none); a different definition is a usage error naming each changed field."""
-    from . import __version__
-    from .manifest import (
-        ManifestError,
-        check_manifest,
-        manifest_path,
-        run_manifest,
-        seed_tasks_digest,
-        templates_digest,
-    )
-
-    async def served_model(member: Member) -> str | None:
-        try:
-            async with asyncio.timeout(member.timeout_s):
-                return (await info_of(member.backend)).model
-        except (BackendError, TimeoutError):
-            return None
-
-    models = await asyncio.gather(*(served_model(m) for m in members))
-    manifest = run_manifest(
-        preset=settings.name,
-        seed=settings.seed,
-        settings=settings.identity(),
-        seed_tasks_sha256=seed_tasks_digest(seeds),
-        templates_sha256=templates_digest(),
-        members={
-            m.name: {"kind": config.backends[m.name].kind, "model": model}
-            for m, model in zip(members, models, strict=True)
-        },
-        roles={"writer": config.roles.writer, "answerers": list(config.roles.answerers)},
-        selection={
-            "consensus_complete": settings.consensus_complete,
-            "writer_answers": _writer_answers(config),
-        },
-        library_version=__version__,
-    )
-    path = manifest_path(config.run.output)
-    try:
-        await asyncio.to_thread(check_manifest, path, manifest)
-    except ManifestError as exc:
-        raise UsageError(str(exc)) from None
-    return str(manifest["fingerprint"])
-
-
-def _writer_answers(config: Config) -> Any:
-    """``roles.writer_answers`` when the config has it: "provenance" keeps the writer's
-    answer out of the vote; anything else lets it vote."""
-    value = getattr(config.roles, "writer_answers", None)
-    return "provenance" if value == "provenance" else "vote"
-
-
-def _served_by(config: Config) -> dict[str, Any]:
-    from .pipeline import ServedBy, host_of
-
-    return {
-        name: ServedBy(backend=b.kind, host=host_of(b.url)) for name, b in config.backends.items()
-    }
-
-
-@contextlib.asynccontextmanager
-async def _open_cache(config: Config) -> AsyncIterator[Any]:
-    from .cache import CacheError, ResponseCache
-
-    try:
-        cache = await ResponseCache.open(config.run.cache_file)
-    except CacheError as exc:
-        raise OutputError(config.source, "run.cache_path", str(exc)) from None
-    try:
-        yield cache
-    finally:
-        await cache.aclose()
-
-
-@contextlib.asynccontextmanager
-async def _open_records(config: Config) -> AsyncIterator[Any]:
-    from .records import RecordStorageError
-    from .sink import AsyncRecordWriter
-
-    try:
-        writer = await AsyncRecordWriter.open(
-            config.run.output, rejects_path=config.run.rejects_path
+    async with open_run(config, seeds=seeds) as run, contextlib.AsyncExitStack() as files:
+        stream = files.enter_context(_open_log(log)) if isinstance(log, Path) else log
+        progress = Progress(
+            mode,
+            members=run.members,
+            targets={"instructions": sum(config.run.targets.to_dict().values())},
+            console=console,
+            log=stream,
         )
-    except RecordStorageError as exc:
-        raise OutputError(config.source, "run.output", str(exc)) from None
-    async with writer:
-        yield writer
+        if mode == "jsonl":
+            progress.log_start(
+                config=config.source,
+                output=str(config.run.output),
+                existing_records=run.sink.count,
+                backends=[config.backends[m.name].describe() for m in run.members],
+            )
+        try:
+            async with progress:
+                summary = await run.pipeline(seeds, events=progress).run()
+        except asyncio.CancelledError:
+            progress.summary(status="interrupted")
+            raise
+        progress.summary(summary)
+        if _all_failed(run.members):
+            console.print("[red]every backend failed[/red]")
+            return EXIT_BACKENDS_FAILED
+        if summary.deferred:
+            reasons = ", ".join(f"{r} x{n}" for r, n in summary.deferred_reasons.items())
+            console.print(
+                f"[yellow]{summary.deferred} item(s) deferred[/yellow] ({escape(reasons)}): "
+                "rerun the same command once every backend is back"
+            )
+            return EXIT_DEFERRED
+        return EXIT_OK
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
@@ -495,93 +381,32 @@ def _all_failed(members: Sequence[Member]) -> bool:
 # ---------------------------------------------------------------------------- check
 
 
-@dataclass
-class Probe:
-    name: str
-    kind: str
-    target: str
-    healthy: bool = False
-    health_detail: str = ""
-    model: str | None = None
-    latency_s: float | None = None
-    error: str | None = None
-
-    @property
-    def reachable(self) -> bool:
-        return self.healthy and self.error is None
-
-
-async def probe_backend(
-    name: str, backend: Backend, target: str, kind: str, timeout: float
-) -> Probe:
-    """Health, model and the latency of a 1-token greedy request for one backend."""
-    probe = Probe(name, kind, target)
-    try:
-        async with asyncio.timeout(timeout):
-            health = await health_of(backend)
-        probe.healthy = health.ok
-        probe.health_detail = health.detail
-        if not health.ok:
-            return probe
-        async with asyncio.timeout(timeout):
-            info = await info_of(backend)
-        probe.model = info.model
-        request = GenerationRequest(prompt="Hello", max_new_tokens=1, temperature=0.0)
-        started = time.perf_counter()
-        async with asyncio.timeout(timeout):
-            await backend.generate(request)
-        probe.latency_s = time.perf_counter() - started
-    except TimeoutError:
-        probe.error = f"no answer within {timeout:g}s"
-    except BackendError as exc:
-        probe.error = f"{type(exc).__name__}: {exc}"
-    return probe
-
-
-async def check(config: Config, *, timeout: float = 30.0) -> list[Probe]:
-    names = list(config.backends)
-    backends = create_backends(config, names)
-    try:
-        return list(
-            await asyncio.gather(
-                *(
-                    probe_backend(
-                        name,
-                        backends[name],
-                        config.backends[name].url or config.backends[name].model or "",
-                        config.backends[name].kind,
-                        timeout,
-                    )
-                    for name in names
-                )
-            )
-        )
-    finally:
-        for backend in backends.values():
-            await backend.aclose()
-
-
 def run_check(args: argparse.Namespace, console: Console) -> int:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a number > 0, got {args.timeout}")
     config = _load(args)
-    probes = asyncio.run(check(config, timeout=args.timeout))
-    table = Table(title=f"{config.source}: {len(probes)} backends")
+    probes: list[Probe] = _run_async(check(config, timeout=args.timeout))
+    table = Table(title=escape(f"{config.source}: {len(probes)} backends"))
     for column in ("backend", "kind", "target", "health", "model", "1-token latency", "error"):
         table.add_column(column)
     for p in probes:
-        health = "[green]ok[/green]" if p.healthy else f"[red]down[/red] {p.health_detail}"
+        health = "[green]ok[/green]" if p.healthy else f"[red]down[/red] {escape(p.health_detail)}"
         table.add_row(
-            p.name,
-            p.kind,
-            p.target,
+            escape(p.name),
+            escape(p.kind),
+            escape(p.target),
             health,
-            p.model or "-",
+            escape(p.model or "-"),
             "-" if p.latency_s is None else f"{p.latency_s:.3f}s",
-            p.error or "",
+            escape(p.error or ""),
         )
     console.print(table)
-    unreachable = [p.name for p in probes if not p.reachable]
-    if unreachable:
-        console.print(f"[red]unreachable:[/red] {', '.join(unreachable)}")
+    failed = [p for p in probes if not p.ok]
+    for p in failed:
+        console.print(p.problem(), highlight=False, soft_wrap=True, markup=False)
+    if failed:
+        names = escape(", ".join(p.name for p in failed))
+        console.print(f"[red]unreachable:[/red] {names}")
         return EXIT_BACKENDS_FAILED
     return EXIT_OK
 
@@ -590,18 +415,25 @@ def run_check(args: argparse.Namespace, console: Console) -> int:
 
 
 def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
-    """Every line of ``path`` with its ``selection`` added; UsageError names file:line."""
+    """Every line of ``path`` with its ``selection`` added; UsageError names file:line.
+
+    A UTF-8 byte-order mark is accepted; bytes that are not UTF-8 name their line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     out: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{where}: not valid UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -611,14 +443,19 @@ def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
         candidates = obj.get("candidates")
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise UsageError(f"{where}: 'candidates' must be a list of strings")
+        if len(candidates) > MAX_CANDIDATES:
+            raise UsageError(
+                f"{where}: {len(candidates)} candidates, more than the {MAX_CANDIDATES} "
+                "one line may hold"
+            )
         selection = select(candidates, threshold=threshold)
         out.append({**obj, "selection": {**selection.to_dict(), "text": selection.text}})
     return out
 
 
 def run_consensus(args: argparse.Namespace, err: Console) -> int:
-    if not args.threshold >= 0:
-        raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     lines = consensus_lines(args.input, threshold=args.threshold)
     payload = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     if args.out is None:
@@ -633,28 +470,21 @@ def run_consensus(args: argparse.Namespace, err: Console) -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_text(path, text)
+    except AtomicWriteError as exc:
+        raise OutputError(str(path), None, str(exc).removeprefix(f"{path}: ")) from None
     except OSError as exc:
         raise OutputError(str(path), None, f"cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble_async",
         description="Drive several LLM servers or local models as one ensemble.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config/input, 3 backends "
-        "unreachable or every backend failed, 4 output not writable, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad usage/config/input, 3 a backend "
+        "cannot serve or every backend failed, 4 output not writable, 5 items deferred "
+        "(rerun later), 6 output locked by another run, 7 output is not a records file, "
+        "8 corrupt records file, 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command")
     p_ask = sub.add_parser(
@@ -665,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--member",
         action="append",
         default=[],
-        metavar="KIND=URL_OR_MODEL[,k=v...]",
+        metavar="KIND[=URL_OR_MODEL][,k=v...]",
         help="an ensemble member (repeatable); default: the two embedded local models",
     )
     p_ask.add_argument("--max-new-tokens", type=int, default=48)
@@ -689,7 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument(
         "--config", type=Path, help="TOML config (default: the embedded two-model ensemble)"
     )
-    p_gen.add_argument("--output", type=Path, help="records file (overrides run.output)")
+    p_gen.add_argument("--output", help="records file (overrides run.output)")
+    p_gen.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="keep at most N instructions in all (a quick preview; the config is unchanged)",
+    )
     shown = p_gen.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the summary")
     shown.add_argument(
@@ -719,6 +555,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(args: argparse.Namespace, console: Console, err: Console) -> int:
+    if args.command == "backends":
+        for kind in backend_kinds():
+            alias = ALIASES.get(kind)
+            console.print(kind if alias is None else f"{kind} (alias of {alias})", markup=False)
+        return EXIT_OK
+    if args.command == "generate":
+        return run_generate(args, err)
+    if args.command == "check":
+        return run_check(args, console)
+    if args.command == "consensus":
+        return run_consensus(args, err)
+    if args.command == "export":
+        from .export import run_export
+
+        return run_export(args, console)
+    if args.command == "report":
+        from .report import run_report
+
+        return run_report(args, console)
+    if args.command == "show":
+        from .show import run_show
+
+        return run_show(args, console)
+    _check_ask(args)
+    specs = member_specs(args)
+    return _run_async(_run_ask(args, console, specs))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -726,43 +591,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["ask", *(argv or [])])
     console = Console()
     err = Console(stderr=True)
+    previous: Any = None
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "backends":
-            for kind in backend_kinds():
-                console.print(kind)
-            return EXIT_OK
-        if args.command == "generate":
-            return run_generate(args, err)
-        if args.command == "check":
-            return run_check(args, console)
-        if args.command == "consensus":
-            return run_consensus(args, err)
-        if args.command == "export":
-            from .export import run_export
-
-            return run_export(args, console)
-        if args.command == "report":
-            from .report import run_report
-
-            return run_report(args, console)
-        if args.command == "show":
-            from .show import run_show
-
-            return run_show(args, console)
-        specs = member_specs(args)
-        return asyncio.run(_run_ask(args, console, specs))
+        return _dispatch(args, console, err)
     except OutputError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_OUTPUT
     except RecordFileError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return _records_exit(exc)
-    except (UsageError, ConfigError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (UsageError, ConfigError, ManifestError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _records_exit(exc: RecordFileError) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .atomicfile import AtomicWriteError, replacing
 from .records import RecordFileError, read_records
 
 __all__ = [
@@ -70,25 +71,12 @@ def _atomic_write(out_path: Path, source: Path | None, fill: Callable[[TextIO], 
     if source is not None and out_path.resolve() == source.resolve():
         raise ExportError(f"refusing to export {source} onto itself")
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+        with replacing(out_path) as f:
+            return fill(f)
+    except AtomicWriteError as exc:
+        raise ExportError(f"cannot write {exc}") from exc
     except OSError as exc:
         raise ExportError(f"cannot write {out_path}: {exc.strerror or exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            written = fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an export is meant to be shared
-        os.replace(tmp, out_path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise ExportError(f"cannot write {out_path}: {exc.strerror or exc}") from exc
-        raise
-    return written
 
 
 def write_text_atomic(out_path: str | Path, text: str) -> None:

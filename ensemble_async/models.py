@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import atomicfile
+
 __all__ = [
     "ConvertedModel",
     "EmbeddedModel",
@@ -246,9 +248,7 @@ def clean_stale(folder: Path) -> list[Path]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / _tmp_name(path.name)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomicfile.write_text(path, text, prefix=_tmp_name(path.name))
 
 
 def _label(gguf: Path) -> str:

@@ -39,14 +39,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .pipeline import STAGES
 from .scrub import is_secret_field
 
 __all__ = ["MODES", "Mode", "Progress", "StageCounts"]
 
 Mode = Literal["rich", "quiet", "jsonl"]
 MODES: tuple[Mode, ...] = ("rich", "quiet", "jsonl")
-
-STAGES = ("instructions", "instances", "answers", "consensus")
 
 
 class _Snapshotting(Protocol):

@@ -18,6 +18,7 @@ what is wrong. :func:`load_seed_tasks` with no path reads the seeds shipped in t
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -183,13 +184,32 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
         data = resources.files(_SEED_PACKAGE).joinpath(SHIPPED_SEEDS).read_bytes()
     else:
         source = str(path)
-        data = Path(path).read_bytes()
+        data = _read_bounded(Path(path), source)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise SeedFormatError(source, line, "not valid UTF-8") from exc
     return parse_seed_tasks(text, source)
+
+
+MAX_LINE_BYTES = 1 << 20
+"""Longest seed line read (1 MiB; a seed is a short task description)."""
+
+
+def _read_bounded(path: Path, source: str) -> bytes:
+    """The file's bytes, refusing a line longer than :data:`MAX_LINE_BYTES` (named by
+    file:line) without reading the rest of it into memory."""
+    lines: list[bytes] = []
+    with path.open("rb") as f:
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise SeedFormatError(source, lineno, f"line longer than {MAX_LINE_BYTES} bytes")
+            lines.append(line)
+    return b"".join(lines)
 
 
 def split_by_kind(tasks: Iterable[SeedTask]) -> dict[TaskKind, list[SeedTask]]:

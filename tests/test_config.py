@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_async.assemble import build_members, embedded_config
 from ensemble_async.config import (
     Config,
     ConfigError,
     OutputError,
-    build_members,
     check_output_writable,
-    default_config,
     load_config,
 )
 
@@ -47,6 +46,7 @@ api_key_env = "EA_TEST_GPU2_KEY"
 [roles]
 writer = "gpu1"
 answerers = ["gpu1", "gpu2"]
+writer_answers = "provenance"
 
 [overrides]
 novelty_threshold = 0.6
@@ -87,6 +87,8 @@ def test_full_config_parses_into_typed_values(tmp_path: Path) -> None:
     }
     assert cfg.backends["gpu2"].api_key_env == "EA_TEST_GPU2_KEY"
     assert cfg.roles.writer == "gpu1" and cfg.roles.answerers == ("gpu1", "gpu2")
+    assert cfg.roles.writer_answers == "provenance"
+    assert cfg.roles.voting_answerers == ("gpu2",)
     with pytest.raises(AttributeError):
         cfg.run.seed = 1  # type: ignore[misc]
 
@@ -115,7 +117,7 @@ url = "http://b:2"
 ROLES = """
 [roles]
 writer = "a"
-answerers = ["a", "b"]
+answerers = ["b"]
 """
 
 
@@ -181,7 +183,7 @@ answerers = ["a", "b"]
         ),
         (BASE_BACKENDS + '[roles]\nwriter = "zz"\nanswerers = ["a"]\n', "roles.writer", "'zz'"),
         (
-            BASE_BACKENDS + '[roles]\nwriter = "a"\nanswerers = ["a", "nope"]\n',
+            BASE_BACKENDS + '[roles]\nwriter = "a"\nanswerers = ["b", "nope"]\n',
             "roles.answerers[1]",
             "undefined backend 'nope'",
         ),
@@ -288,13 +290,14 @@ def test_examples_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         assert any(b.api_key_env for b in cfg.backends.values())
 
 
-def test_default_config_uses_both_embedded_models() -> None:
+def test_embedded_config_uses_both_embedded_models() -> None:
     try:
-        cfg = default_config()
+        cfg = embedded_config()
     except FileNotFoundError as exc:
         pytest.skip(f"embedded models not installed: {exc}")
+    # one model, one vote: SmolLM2 writes, Gemma answers
     assert cfg.roles.writer == "smollm2-135m-instruct"
-    assert cfg.roles.answerers == ("smollm2-135m-instruct", "gemma3-270m")
+    assert cfg.roles.answerers == ("gemma3-270m",)
     assert cfg.backends["gemma3-270m"].instruction_tuned is False
     assert cfg.backends["smollm2-135m-instruct"].instruction_tuned is True
     assert all(b.kind == "transformers" and b.model for b in cfg.backends.values())

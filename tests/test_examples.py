@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ensemble_async import Completion, GenerationRequest, registry
+from ensemble_async import Completion, GenerationRequest, cli, registry
+from ensemble_async.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_embed_example_runs_against_the_doubles() -> None:
 
 
 def test_third_party_backend_registers_through_entry_points(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # What `pip install ./examples/custom_backend` leaves in site-packages, made by hand:
     # the module and a dist-info with the entry point.
@@ -50,9 +51,20 @@ def test_third_party_backend_registers_through_entry_points(
     registry.refresh()
     try:
         assert "echo" in registry.backend_kinds()
-        backend = registry.create_backend("echo", url="unused", name="e")
+        backend = registry.create_backend("echo", name="e")
         assert backend.name == "e"
         assert {"openai", "tgi", "transformers"} <= set(registry.backend_kinds())
+        # it declares what it needs (nothing): no fake URL in a config or on --member
+        assert registry.backend_requires("echo") == ()
+        cfg = tmp_path / "echo.toml"
+        cfg.write_text(
+            '[backends.w]\nkind = "echo"\n[backends.a]\nkind = "echo"\n'
+            '[roles]\nwriter = "w"\nanswerers = ["a"]\n'
+        )
+        assert load_config(cfg).backends["a"].factory_options() == {"name": "a"}
+        code = cli.main(["ask", "one two three", "--no-chat", "--member", "echo,name=e1"])
+        assert code == cli.EXIT_OK
+        assert "three two one" in capsys.readouterr().out
     finally:
         monkeypatch.undo()
         registry.refresh()

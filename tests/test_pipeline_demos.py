@@ -229,7 +229,8 @@ def test_step4_prompt_styles() -> None:
 
 
 def test_member_flag_comes_from_the_config(tmp_path: Path) -> None:
-    from ensemble_async.config import BackendConfig, make_member
+    from ensemble_async.assemble import make_member
+    from ensemble_async.config import BackendConfig
 
     spec = BackendConfig(name="b", kind="tgi", url="http://127.0.0.1:9", instruction_tuned=False)
     backend = TGIBackend("http://127.0.0.1:9", name="b")

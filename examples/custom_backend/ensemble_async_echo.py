@@ -3,7 +3,11 @@
 Install this folder (``pip install ./examples/custom_backend``) and the kind ``echo`` is
 available everywhere a kind name is accepted::
 
-    python -m ensemble_async ask "one two three" --no-chat --member echo=unused
+    python -m ensemble_async ask "one two three" --no-chat --member echo
+
+It needs no URL and no model, so it declares nothing in ``requires`` (a server kind
+declares ``requires = ("url",)``, a local one ``("model",)``; config loading and
+``--member`` read it to know what to ask for).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from ensemble_async import (
 
 class EchoBackend(BaseBackend):
     kind = "echo"
+    requires = ()
 
-    def __init__(self, url: str = "", *, name: str | None = None) -> None:
+    def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name=name)
 
     def _answer(self, request: GenerationRequest) -> str:
