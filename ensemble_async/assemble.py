@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .backend import Backend, health_of, info_of
 from .config import (
@@ -44,13 +44,13 @@ from .config import (
     check_environment,
 )
 from .ensemble import Ensemble
-from .errors import BackendError, UnknownBackendError
+from .errors import BackendError, RetryableError, UnknownBackendError
 from .member import Member
 from .registry import create_backend
 from .retry import RetryPolicy
 from .secret import MissingSecretError
 from .seedtasks import KINDS, SeedFormatError, SeedTask, load_seed_tasks, split_by_kind
-from .types import GenerationRequest
+from .types import BackendInfo, GenerationRequest, Health
 
 if TYPE_CHECKING:
     from .cache import ResponseCache
@@ -80,6 +80,10 @@ __all__ = [
 ]
 
 EMBEDDED_SOURCE = "<embedded default>"
+PROBE_ATTEMPTS = 3
+"""Tries of each probe step on an error a retry may cure (503, reset, timeout...)."""
+PROBE_BACKOFF_S = 0.2
+_T = TypeVar("_T")
 
 
 # ------------------------------------------------------------------ embedded default
@@ -327,22 +331,38 @@ async def probe_backend(
     probe = Probe(spec.name, spec.kind, spec.target)
     probe.wanted_model = spec.model if spec.is_server else None
     request = request or probe_request()
+
+    async def patiently(step: Callable[[], Awaitable[_T]]) -> _T:
+        # A server that sheds one request (a 503, a reset) can still serve: a probe
+        # step is tried up to PROBE_ATTEMPTS times on errors a retry may cure.
+        for attempt in range(PROBE_ATTEMPTS):
+            try:
+                async with asyncio.timeout(timeout):
+                    return await step()
+            except RetryableError:
+                if attempt == PROBE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(PROBE_BACKOFF_S * 2**attempt)  # a backoff, not a sync
+        raise AssertionError("unreachable")
+
     try:
         if not spec.is_server:
             # A local model is loaded by its first call: make the tiny request first,
             # then it can say whether it is healthy.
             started = time.perf_counter()
-            async with asyncio.timeout(timeout):
-                await backend.generate(request)
+            await patiently(lambda: backend.generate(request))
             probe.latency_s = time.perf_counter() - started
-        async with asyncio.timeout(timeout):
-            health = await health_of(backend)
+        health: Health = await patiently(lambda: health_of(backend))
+        for attempt in range(1, PROBE_ATTEMPTS):
+            if health.ok:
+                break
+            await asyncio.sleep(PROBE_BACKOFF_S * 2**attempt)
+            health = await patiently(lambda: health_of(backend))
         probe.healthy = health.ok
         probe.health_detail = health.detail
         if not health.ok:
             return probe
-        async with asyncio.timeout(timeout):
-            info = await info_of(backend)
+        info: BackendInfo = await patiently(lambda: info_of(backend))
         probe.model = info.model
         probe.served_models = _served(info.extra)
         wanted = probe.wanted_model
@@ -351,8 +371,7 @@ async def probe_backend(
             return probe
         if probe.latency_s is None:
             started = time.perf_counter()
-            async with asyncio.timeout(timeout):
-                await backend.generate(request)
+            await patiently(lambda: backend.generate(request))
             probe.latency_s = time.perf_counter() - started
     except TimeoutError:
         probe.error = f"no answer within {timeout:g}s"
@@ -516,13 +535,18 @@ async def open_run(
         if failed:
             raise MemberCannotServe(failed)
         fingerprint = None
+        manifest: dict[str, Any] | None = None
         if seeds is not None:
             from .manifest import check_manifest, manifest_path
 
             manifest = run_manifest_for(config, seeds, {p.name: p.model for p in probes})
-            path = manifest_path(config.run.output)
-            await asyncio.to_thread(check_manifest, path, manifest)
+            manifest_file = manifest_path(config.run.output)
             fingerprint = str(manifest["fingerprint"])
+            if await asyncio.to_thread(manifest_file.exists):
+                # Compared now, before anything is written; written below for a new run,
+                # once the record files have opened (never beside a file we refuse).
+                await asyncio.to_thread(check_manifest, manifest_file, manifest)
+                manifest = None
         cache = None
         if config.run.cache:
             cache = await stack.enter_async_context(_open_cache(config))
@@ -531,6 +555,10 @@ async def open_run(
         for member in members:
             await member.start()
         sink = await stack.enter_async_context(_open_records(config))
+        if manifest is not None:
+            from .manifest import manifest_path, write_manifest
+
+            await asyncio.to_thread(write_manifest, manifest_path(config.run.output), manifest)
         yield Run(
             config=config,
             settings=settings,

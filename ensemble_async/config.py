@@ -900,6 +900,8 @@ def check_output_writable(config: Config) -> None:
     if config.run.cache:
         paths.append(("run.cache_path", config.run.cache_file))
     for key, path in paths:
+        if key != "run.cache_path" and path.exists() and not path.is_dir() and not path.is_file():
+            continue  # a device or FIFO: the record writer refuses it (not a records file)
         problem = _unwritable(path)
         if problem:
             raise OutputError(config.source, key, f"{path}: {problem}")

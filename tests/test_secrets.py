@@ -523,7 +523,7 @@ def test_check_never_prints_an_echoed_key(
                     api_key_env = "{GOOD_ENV}"
                     [roles]
                     writer = "t"
-                    answerers = ["t", "o"]
+                    answerers = ["o"]
                     """
                 )
             )

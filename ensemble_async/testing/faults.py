@@ -131,7 +131,12 @@ class FaultPlan:
         choices: Iterable[Fault] = (),
         *,
         seed: int | None = 0,
+        grace: int = 0,
     ) -> None:
+        if grace < 0:
+            raise ValueError(f"grace must be >= 0, got {grace}")
+        self.grace = grace
+        """Requests still to answer normally before any fault (queued or random)."""
         self._queue: deque[Fault] = deque()
         self.injected = 0
         """How many faults have been handed out so far."""
@@ -164,6 +169,9 @@ class FaultPlan:
 
     def next(self) -> Fault | None:
         """The fault for the request at hand, or None for a normal answer."""
+        if self.grace > 0:
+            self.grace -= 1
+            return None
         if self._queue:
             fault = self._queue.popleft()
         elif self.rate > 0.0 and self._rng.random() < self.rate:

@@ -1,7 +1,7 @@
 """Run a test double as a stand-alone server, for tests that need one in another process.
 
     python -m ensemble_async.testing.serve tgi|openai [--ei NAME] [--latency S]
-        [--api-key-env NAME [--echo-rejected-key]] [--fault-rate R]
+        [--api-key-env NAME [--echo-rejected-key]] [--fault-rate R [--fault-after N]]
 
 Prints ``URL http://127.0.0.1:PORT`` on stdout (one line, flushed) once it accepts
 connections, then serves until SIGTERM or SIGINT.  ``--ei NAME`` answers with
@@ -12,7 +12,8 @@ completions) under that model name; without it the double's made-up words.
 variable ``NAME``; with ``--echo-rejected-key`` a wrong token is answered with a 401 that
 quotes it back, as some servers do (to test that clients keep it out of their output).
 ``--fault-rate R`` fails that share of generation requests with a 503 or a dropped
-connection (seeded, so reproducible).
+connection (seeded, so reproducible); ``--fault-after N`` answers the first N normally
+(e.g. a client's start-up probe) before faults begin.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ async def serve(
     api_key: str | None = None,
     echo_rejected: bool = False,
     fault_rate: float = 0.0,
+    fault_after: int = 0,
 ) -> None:
     responder = EIResponder(ei) if ei else None
-    faults = FaultPlan(fault_rate, [Fault.status(503), Fault.reset()], seed=1)
+    faults = FaultPlan(fault_rate, [Fault.status(503), Fault.reset()], seed=1, grace=fault_after)
     double: Any
     if kind == "tgi":
         if api_key is not None:
@@ -118,6 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--fault-rate", type=float, default=0.0, help="share of requests failed (503 or reset)"
     )
+    parser.add_argument(
+        "--fault-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the first N generation requests normally, then start failing",
+    )
     args = parser.parse_args(argv)
     api_key = None
     if args.api_key_env is not None:
@@ -134,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=api_key,
             echo_rejected=args.echo_rejected_key,
             fault_rate=args.fault_rate,
+            fault_after=args.fault_after,
         )
     )
     return 0
