@@ -428,3 +428,10 @@ class Batcher:
                 job.fail(self.closed_error())
                 continue
             job.deliver(result)
+        for job in jobs:  # a runner that stopped early (abort) leaves jobs without a result
+            if not job.done and not job.cancelled:
+                job.fail(
+                    self.closed_error()
+                    if self._closing
+                    else ServerError("the model call returned no result", backend=self.name)
+                )
