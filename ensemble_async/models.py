@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,19 @@ __all__ = [
     "ConvertedModel",
     "EmbeddedModel",
     "MissingModelError",
+    "aembedded_backend_options",
     "cache_root",
+    "check_source",
     "clean_stale",
     "embedded_backend_options",
     "embedded_models",
     "ensure_converted",
     "gemma3_gguf",
     "load_model_and_tokenizer",
+    "resolve_device",
     "resolve_source",
+    "set_offline_environment",
+    "set_torch_threads",
     "smollm2_gguf",
 ]
 
@@ -190,9 +196,20 @@ def embedded_gguf(key: str) -> Path:
 
 
 def embedded_backend_options(key: str) -> dict[str, Any]:
-    """Keyword options for the ``transformers`` backend that run an embedded model."""
+    """Keyword options for the ``transformers`` backend that run an embedded model.
+
+    Blocking (it searches the installed packages and may assemble a GGUF file): call it
+    before the event loop starts, or use :func:`aembedded_backend_options` on the loop.
+    """
     gguf = embedded_gguf(key)
     return {"model": str(gguf.parent), "gguf_file": gguf.name, "name": key}
+
+
+async def aembedded_backend_options(key: str) -> dict[str, Any]:
+    """:func:`embedded_backend_options` from the event loop: the disk work runs in a thread."""
+    import asyncio
+
+    return await asyncio.to_thread(embedded_backend_options, key)
 
 
 # ---------------------------------------------------------------------------- cache
@@ -336,16 +353,66 @@ _TRANSFORMERS_NAMES = (
     "AutoModelForCausalLM",
     "AutoTokenizer",
     "GgufConfig",
+    "LogitsProcessorList",
+    "MinPLogitsWarper",
     "StoppingCriteria",
     "StoppingCriteriaList",
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "TypicalLogitsWarper",
 )
 
 
-def _offline_transformers() -> tuple[Any, Any]:
-    """Import torch and transformers with the HF hub switched to offline mode."""
-    with _import_lock:
+def set_offline_environment() -> None:
+    """Switch the HF hub to offline mode for this process (``HF_HUB_OFFLINE=1``).
+
+    Writing the environment is not thread-safe (another thread may be reading it), so
+    this is called from the thread that builds a backend -- never from a worker thread.
+    It must run before ``huggingface_hub`` is imported to take effect; every load also
+    passes ``local_files_only=True``, so nothing is downloaded either way.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
         os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+_torch_threads: list[int] = []  # the count set last (empty: never set here)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op thread count (process-wide) from the calling thread.
+
+    Called by a backend on the thread that uses it first (the event loop's), never from
+    a worker thread.  Two backends asking for different counts: the last one wins, and
+    a warning says so.  torch must be imported already (importing it is slow).
+    """
+    torch: Any = sys.modules["torch"]
+    if _torch_threads and _torch_threads[0] != threads:
+        log.warning(
+            "torch threads changed from %d to %d (the setting is process-wide)",
+            _torch_threads[0],
+            threads,
+        )
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _torch_threads[:] = [threads]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; other names pass through."""
+    if device != "auto":
+        return device
+    torch, _ = _offline_transformers()
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _offline_transformers() -> tuple[Any, Any]:
+    """Import torch and transformers (the HF hub in offline mode, see
+    :func:`set_offline_environment`)."""
+    with _import_lock:
+        if threading.current_thread() is threading.main_thread():
+            set_offline_environment()
         import torch
         import transformers
 
@@ -375,6 +442,34 @@ def _convert(gguf: Path, out: Path) -> None:
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         del model
+
+
+def check_source(model: str | os.PathLike[str], gguf_file: str | None) -> str:
+    """Cheap checks of a backend's ``model``/``gguf_file`` options; returns its label.
+
+    No search: a path that exists is checked for its GGUF file, a missing path that
+    cannot be a hub id is a :class:`MissingModelError`, and a hub id (``org/name``) is
+    left for :func:`resolve_source` (the HF cache lookup) to find, off the event loop.
+    The label is the GGUF file's stem, else the directory's (or hub id's) last part.
+    """
+    path = Path(model).expanduser()
+    if gguf_file is None and path.suffix.lower() == ".gguf":
+        path, gguf_file = path.parent, path.name
+    label = Path(gguf_file).stem if gguf_file is not None else path.name
+    if path.exists():
+        if gguf_file is None:
+            if not path.is_dir():
+                raise MissingModelError(f"model path is not a directory: {path}")
+        else:
+            gguf = Path(gguf_file).expanduser()
+            gguf = gguf if gguf.is_absolute() else path / gguf
+            if not gguf.is_file():
+                raise MissingModelError(f"GGUF file not found: {gguf}")
+    elif not _HUB_ID.match(str(model)):
+        raise MissingModelError(
+            f"model path does not exist: {path} (and {str(model)!r} is not a hub id)"
+        )
+    return label or "model"
 
 
 def resolve_source(

@@ -221,3 +221,91 @@ async def test_killed_conversion_leaves_no_cache_entry(tmp_path: Path) -> None:
     assert clean_stale(folder) == leftovers
     assert [p.name for p in folder.iterdir()] == [mine.name]
     assert clean_stale(folder) == []
+
+
+# ------------------------------------------------- process-wide state and discovery
+
+
+def test_a_hub_id_is_looked_up_in_the_worker_not_at_construction(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import threading
+
+    from ensemble_async import models
+    from ensemble_async.errors import NotFoundError
+
+    lookups: list[threading.Thread] = []
+
+    def lookup(model: str) -> None:
+        lookups.append(threading.current_thread())
+
+    monkeypatch.setattr(models, "_offline_hub_snapshot", lookup)
+    backend = TransformersBackend("nobody/nothing")
+    assert backend.name == "nothing" and lookups == []  # nothing searched yet
+
+    async def first_use() -> None:
+        with pytest.raises(NotFoundError, match="not in the local Hugging Face cache"):
+            await backend.start()
+        await backend.aclose()
+
+    asyncio.run(first_use())
+    assert len(lookups) == 1 and lookups[0] is not threading.main_thread()
+
+
+def test_process_settings_are_made_from_the_calling_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    torch = pytest.importorskip("torch")
+    from ensemble_async import models
+
+    calls: list[tuple[int, threading.Thread]] = []
+    real = torch.set_num_threads
+    before = torch.get_num_threads()
+    wanted = before + 1
+
+    def record(n: int) -> None:
+        calls.append((n, threading.current_thread()))
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    backend = TransformersBackend(str(_smollm2()), threads=wanted)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set on this thread, at construction
+    monkeypatch.setattr(backend._runner, "load", lambda: None)  # the settings, not the model
+
+    async def first_use() -> None:
+        await backend.start()
+        await backend.aclose()
+
+    try:
+        asyncio.run(first_use())
+        assert calls == [(wanted, threading.main_thread())]
+        assert torch.get_num_threads() == wanted
+    finally:
+        real(before)
+
+    # From a worker thread, importing transformers leaves the environment alone.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    async def from_a_thread() -> None:
+        await asyncio.to_thread(models._offline_transformers)
+
+    asyncio.run(from_a_thread())
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_labels_come_from_the_options_without_a_search(tmp_path: Path) -> None:
+    gguf = tmp_path / "My-Model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert TransformersBackend(str(gguf)).name == "My-Model.Q4"
+    assert TransformersBackend(str(tmp_path), gguf_file=gguf.name).name == "My-Model.Q4"
+    assert TransformersBackend(str(tmp_path)).name == tmp_path.name
+    with pytest.raises(MissingModelError, match="GGUF file not found"):
+        TransformersBackend(str(tmp_path), gguf_file="x.gguf")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(MissingModelError, match="not a directory"):
+        TransformersBackend(str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match="device"):
+        TransformersBackend(str(tmp_path), device="tpu")

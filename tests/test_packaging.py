@@ -91,8 +91,13 @@ def test_wheel_file_list(wheel: Path) -> None:
     top = {n.split("/", 1)[0] for n in names}
     assert "backends" not in top, "a top-level backends package would land in site-packages"
     assert top <= {"ensemble_async"} | {t for t in top if t.endswith(".dist-info")}
-    for adapter in ADAPTERS:
-        assert f"ensemble_async/backends/{adapter}.py" in names
+    for adapter in ADAPTERS:  # a module, or a package (transformers)
+        assert {
+            f"ensemble_async/backends/{adapter}.py",
+            f"ensemble_async/backends/{adapter}/__init__.py",
+        } & set(names), adapter
+    for module in ("__init__", "backend", "batcher", "runner"):
+        assert f"ensemble_async/backends/transformers/{module}.py" in names
     assert "ensemble_async/py.typed" in names
     assert "ensemble_async/backends/py.typed" in names
     assert "ensemble_async/seeds/__init__.py" in names
