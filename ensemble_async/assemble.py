@@ -48,6 +48,7 @@ from .errors import BackendError, RetryableError, UnknownBackendError
 from .member import Member
 from .registry import create_backend
 from .retry import RetryPolicy
+from .scoring import Scorer
 from .secret import MissingSecretError
 from .seedtasks import KINDS, SeedFormatError, SeedTask, load_seed_tasks, split_by_kind
 from .types import BackendInfo, GenerationRequest, Health
@@ -71,6 +72,7 @@ __all__ = [
     "embedded_config",
     "load_seeds",
     "make_member",
+    "members_by_name",
     "open_run",
     "probe_backend",
     "probe_request",
@@ -202,12 +204,22 @@ def build_members(
     """``(writer, answerers)``: one Member per used backend (a backend in both roles --
     only with ``roles.writer_answers`` -- is one Member).  ``backends``: already created
     ones (default: created here)."""
+    members = members_by_name(config, cache=cache, backends=backends)
+    return members[config.roles.writer], [members[n] for n in config.roles.answerers]
+
+
+def members_by_name(
+    config: Config,
+    *,
+    cache: ResponseCache | None = None,
+    backends: Mapping[str, Backend] | None = None,
+) -> dict[str, Member]:
+    """One Member per used backend (the roles' and the selection's target), by name."""
     created = dict(backends) if backends is not None else create_backends(config)
-    members = {
+    return {
         name: make_member(config.backends[name], created[name], cache=cache)
         for name in config.used_backends()
     }
-    return members[config.roles.writer], [members[n] for n in config.roles.answerers]
 
 
 def ask_ensemble(
@@ -436,6 +448,9 @@ class Run:
     """Each member once, the writer first."""
     fingerprint: str | None = None
     """The run manifest's fingerprint (None when no seeds were given to ``open_run``)."""
+    target: Member | None = None
+    """The selection's target model (scores the candidates), when a target-fit policy is
+    configured; it may also be a voice."""
 
     def pipeline(self, seeds: Sequence[SeedTask], *, events: EventSink | None = None) -> Pipeline:
         """The Ensemble-Instruct pipeline over this run's members and record files.
@@ -454,6 +469,8 @@ class Run:
             writer_answers=writer_answers(self.config),
             served_by=served_by(self.config),
             fingerprint=self.fingerprint,
+            selection=self.config.selection,
+            target=self.target,
         )
 
 
@@ -498,6 +515,7 @@ def run_manifest_for(
         selection={
             "consensus_complete": settings.consensus_complete,
             "writer_answers": writer_answers(config),
+            **config.selection.to_dict(),
         },
         library_version=__version__,
     )
@@ -534,6 +552,8 @@ async def open_run(
         failed = [p for p in probes if not p.ok]
         if failed:
             raise MemberCannotServe(failed)
+        if config.selection.target is not None:
+            await _check_target(config, backends[config.selection.target], probe_timeout)
         fingerprint = None
         manifest: dict[str, Any] | None = None
         if seeds is not None:
@@ -550,9 +570,12 @@ async def open_run(
         cache = None
         if config.run.cache:
             cache = await stack.enter_async_context(_open_cache(config))
-        writer, answerers = build_members(config, cache=cache, backends=backends)
+        by_name = members_by_name(config, cache=cache, backends=backends)
+        writer = by_name[config.roles.writer]
+        answerers = [by_name[n] for n in config.roles.answerers]
+        target = by_name[config.selection.target] if config.selection.target else None
         members = list(dict.fromkeys([writer, *answerers]))
-        for member in members:
+        for member in dict.fromkeys([*members, *([target] if target else [])]):
             await member.start()
         sink = await stack.enter_async_context(_open_records(config))
         if manifest is not None:
@@ -568,7 +591,30 @@ async def open_run(
             cache=cache,
             members=members,
             fingerprint=fingerprint,
+            target=target,
         )
+
+
+async def _check_target(config: Config, backend: Backend, timeout: float | None) -> None:
+    """The selection's target must score: one that cannot stops the run here, before
+    any file is written (``MemberCannotServe`` naming it)."""
+    name = config.selection.target or backend.name
+    spec = config.backends[name]
+    problem = None
+    if not isinstance(backend, Scorer):
+        problem = f"cannot score (selection.target): kind {spec.kind!r} has no scorer"
+    else:
+        try:
+            async with asyncio.timeout(timeout if spec.is_server else None):
+                await backend.check_scoring()
+        except TimeoutError:
+            problem = f"cannot score (selection.target): no answer within {timeout:g}s"
+        except BackendError as exc:
+            problem = f"cannot score (selection.target): {type(exc).__name__}: {exc}"
+    if problem is not None:
+        refused = Probe(spec.name, spec.kind, spec.target, healthy=True)
+        refused.error = problem
+        raise MemberCannotServe([refused])
 
 
 @contextlib.asynccontextmanager

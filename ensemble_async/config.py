@@ -65,6 +65,7 @@ from .presets import PRESETS, Decoding, PipelineSettings
 from .records import default_rejects_path
 from .registry import backend_kinds, backend_requires, resolve_kind
 from .seedtasks import KINDS
+from .selection import NORMALISATIONS, POLICIES, SelectionConfig
 
 __all__ = [
     "BackendConfig",
@@ -280,6 +281,8 @@ class Config:
     roles: RolesConfig
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     source: str = "<config>"
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Which candidate a decision keeps (``[selection]``; default: plain consensus)."""
 
     def with_output(self, output: str | Path) -> Config:
         """The same config writing to another records path (derived paths follow it
@@ -292,8 +295,10 @@ class Config:
         return dataclasses.replace(self, run=dataclasses.replace(self.run, targets=targets))
 
     def used_backends(self) -> list[str]:
-        """The backends that some role uses, writer first, each once."""
-        return list(dict.fromkeys([self.roles.writer, *self.roles.answerers]))
+        """The backends that some role uses, writer first, each once (the selection's
+        target model last, when it has no other role)."""
+        target = [self.selection.target] if self.selection.target else []
+        return list(dict.fromkeys([self.roles.writer, *self.roles.answerers, *target]))
 
     def settings(self) -> PipelineSettings:
         """``PipelineSettings.preset(preset, seed=..., targets=..., **overrides)``.
@@ -458,6 +463,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
     backends_table = top.table_("backends")
     roles_table = top.table_("roles")
     overrides = top.table_("overrides") or {}
+    selection_table = top.table_("selection")
     top.finish()
     if not backends_table:
         raise ConfigError(source, "backends", "at least one backend is required")
@@ -473,13 +479,39 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         backends[name] = _parse_backend(_Reader(source, table, key), name)
     roles = _parse_roles(_Reader(source, roles_table, "roles"), backends)
     _check_overrides(source, run, overrides)
+    selection = SelectionConfig()
+    if selection_table is not None:
+        selection = _parse_selection(_Reader(source, selection_table, "selection"), backends)
     return Config(
         run=run,
         backends=MappingProxyType(backends),
         roles=roles,
         overrides=MappingProxyType(dict(overrides)),
         source=source,
+        selection=selection,
     )
+
+
+def _parse_selection(r: _Reader, backends: Mapping[str, BackendConfig]) -> SelectionConfig:
+    policy = r.string("policy") or "consensus"
+    target = r.string("target")
+    normalise = r.string("normalise") or "mean"
+    r.finish()
+    if policy not in POLICIES:
+        raise r.fail("policy", f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+    if normalise not in NORMALISATIONS:
+        raise r.fail(
+            "normalise", f"unknown normalisation {normalise!r} (known: {', '.join(NORMALISATIONS)})"
+        )
+    if policy == "consensus":
+        if target is not None:
+            raise r.fail("target", "a target model is only used by the target-fit policies")
+        return SelectionConfig()
+    if target is None:
+        raise r.fail("target", f"policy {policy!r} needs a target backend (the model to fine-tune)")
+    if target not in backends:
+        raise r.fail("target", f"names undefined backend {target!r} (defined: {_names(backends)})")
+    return SelectionConfig(policy=policy, target=target, normalise=normalise)  # type: ignore[arg-type]
 
 
 def output_path(text: str, *, source: str, key: str | None) -> Path:

@@ -290,13 +290,16 @@ class Ensemble:
         given: Sequence[tuple[str, str]] = (),
         item_index: int | None = None,
         key: Any = None,
+        score_with: GenerationRequest | None = None,
     ) -> EnsembleResult:
         """Fan ``item`` out to every member and decide.
 
         ``given``: candidates that already exist, as ``(source, text)``, placed first in
         priority order (Ensemble-Instruct's step-2 output is candidate 0).  Each member
         contributes its first completion.  ``key``: carried to the result (default: the
-        item itself).
+        item itself).  ``score_with``: the request whose prompt conditions the target
+        model's scores (default: the target's own request when it is a member, else the
+        first member's).
         """
         requests = self._requests(item)
         if item_index is None:
@@ -358,7 +361,7 @@ class Ensemble:
         ordered = tuple(candidates[i] for i in range(total))
         choice = None
         if self.target is not None and decision.selection.rule != "too-few-candidates":
-            choice = await self._select(ordered, decision, requests, first_member)
+            choice = await self._select(ordered, decision, requests, score_with)
         return EnsembleResult(
             item_index,
             ordered,
@@ -374,14 +377,16 @@ class Ensemble:
         candidates: tuple[Candidate, ...],
         decision: Decision,
         requests: list[GenerationRequest],
-        first_member: int,
+        score_with: GenerationRequest | None,
     ) -> FitChoice:
         """Score the candidates under the target model and apply the selection policy."""
         assert self.target is not None
         texts = [c.text if c.status in ("ok", "given") else None for c in candidates]
         scorable = [i for i, t in enumerate(texts) if t]
         # The prompt as the target sees it: its own request when it is a member.
-        if self.target in self.members:
+        if score_with is not None:
+            request = score_with
+        elif self.target in self.members:
             request = requests[self.members.index(self.target)]
         else:
             request = requests[0]

@@ -99,6 +99,7 @@ from .presets import PipelineSettings
 from .records import CandidateRecord, Deferred, Provenance, Record, Reject, Slot
 from .rouge import NoveltyFilter
 from .seedtasks import KINDS, SeedTask, TaskKind, split_by_kind
+from .selection import SelectionConfig
 from .templates import (
     PromptStyle,
     build_instance_prompt,
@@ -386,6 +387,9 @@ class Pipeline:
     voice).  ``served_by``: backend kind and host per member name, for provenance.
     ``fingerprint``: the run manifest's fingerprint, stored in each record.
     ``clock``: the UTC timestamp written in each record.
+    ``selection``/``target``: the selection policy and, for the target-fit policies, the
+    member whose model scores the candidates (conditioned on the step-4 answer prompt in
+    the target's own style); an item whose target is unavailable is deferred.
     """
 
     def __init__(
@@ -402,6 +406,8 @@ class Pipeline:
         served_by: Mapping[str, ServedBy] | None = None,
         fingerprint: str | None = None,
         clock: Callable[[], str] = _utc_now,
+        selection: SelectionConfig | None = None,
+        target: Member | None = None,
     ) -> None:
         if writer_answers not in ("vote", "provenance"):
             raise ValueError(
@@ -428,6 +434,10 @@ class Pipeline:
         self.served_by = dict(served_by or {})
         self.fingerprint = fingerprint
         self.clock = clock
+        self.selection = selection or SelectionConfig()
+        self.target = target
+        if self.selection.needs_scores and target is None:
+            raise ValueError(f"selection policy {self.selection.policy!r} needs a target member")
         self.seeds = split_by_kind(seeds)
         for kind in KINDS:
             if settings.target(kind) > 0 and not self.seeds[kind]:
@@ -444,6 +454,8 @@ class Pipeline:
                 max_items_in_flight=settings.answer_concurrency,
                 # Voices = the writer's given candidate plus every answerer, as here.
                 min_candidates=self.min_candidates,
+                selection=self.selection,
+                target=target if self.selection.needs_scores else None,
             )
         else:
             self.ensemble = None
@@ -848,8 +860,18 @@ class Pipeline:
                     settings.answer_decoding.request(prompts[style], seed=seed)
                     for style in self.prompt_styles
                 ]
+                score_with = None
+                if self.target is not None and self.selection.needs_scores:
+                    style = _style(self.target)
+                    prompt = prompts.get(style) or build_step4_prompt(
+                        style, kind, instance.instruction, instance.input
+                    )
+                    score_with = settings.answer_decoding.request(prompt, seed=seed)
                 result = await self.ensemble.run(
-                    requests, given=[(self.writer.name, instance.output)], item_index=index
+                    requests,
+                    given=[(self.writer.name, instance.output)],
+                    item_index=index,
+                    score_with=score_with,
                 )
                 answered = result.candidates[1:]
                 candidates = [given] + [
@@ -862,7 +884,20 @@ class Pipeline:
                     "policy": settings.consensus_policy,
                     "complete": settings.consensus_complete,
                 }
+                if result.choice is not None:
+                    # A target-fit policy picked: the record keeps its pick, the decision
+                    # keeps the consensus it started from and every score.
+                    decision["selection"] = result.choice.to_dict()
+                    selection = Selection(
+                        result.choice.index,
+                        result.choice.text,
+                        result.choice.rule,
+                        selection.indices,
+                        threshold=selection.threshold,
+                    )
                 missing = [c.source for c in answered if _candidate_unavailable(c)]
+                if result.rule == "target-unavailable" and self.target is not None:
+                    missing.append(self.target.name)
                 self.summary.count("answers", "accepted")
                 failed = sum(c.status != "ok" for c in answered)
                 self._event("answers", "accepted", type=kind, failed=failed)
@@ -870,7 +905,8 @@ class Pipeline:
         finally:
             if writer_answer is not None and not writer_answer.done():
                 writer_answer.cancel()
-        if self.voices - len(missing) < self.min_candidates:
+        target_down = self.target is not None and self.target.name in missing
+        if target_down or self.voices - len(missing) < self.min_candidates:
             return Deferred(
                 stage="answers",
                 type=kind,

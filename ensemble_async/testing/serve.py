@@ -1,7 +1,7 @@
 """Run a test double as a stand-alone server, for tests that need one in another process.
 
     python -m ensemble_async.testing.serve tgi|openai [--ei NAME] [--latency S]
-        [--api-key-env NAME [--echo-rejected-key]] [--fault-rate R [--fault-after N]]
+        [--api-key-env NAME [--echo-rejected-key]] [--fault-rate R [--fault-after N]] [--no-logprobs]
 
 Prints ``URL http://127.0.0.1:PORT`` on stdout (one line, flushed) once it accepts
 connections, then serves until SIGTERM or SIGINT.  ``--ei NAME`` answers with
@@ -74,6 +74,7 @@ async def serve(
     echo_rejected: bool = False,
     fault_rate: float = 0.0,
     fault_after: int = 0,
+    logprobs: bool = True,
 ) -> None:
     responder = EIResponder(ei) if ei else None
     faults = FaultPlan(fault_rate, [Fault.status(503), Fault.reset()], seed=1, grace=fault_after)
@@ -81,7 +82,9 @@ async def serve(
     if kind == "tgi":
         if api_key is not None:
             raise ValueError("--api-key-env is for the openai double")
-        double = TGIDouble(latency=latency, responder=responder, faults=faults)
+        double = TGIDouble(
+            latency=latency, responder=responder, faults=faults, prefill_logprobs=logprobs
+        )
     elif kind == "openai":
         if echo_rejected and api_key is not None:
             double = _EchoingOpenAIDouble(
@@ -89,7 +92,11 @@ async def serve(
             )
         else:
             double = OpenAIDouble(
-                latency=latency, responder=responder, api_key=api_key, faults=faults
+                latency=latency,
+                responder=responder,
+                api_key=api_key,
+                faults=faults,
+                logprobs=logprobs,
             )
     else:
         raise ValueError(f"unknown double {kind!r} (tgi or openai)")
@@ -127,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="answer the first N generation requests normally, then start failing",
     )
+    parser.add_argument(
+        "--no-logprobs",
+        action="store_true",
+        help="answer without log-probabilities (a server that cannot score)",
+    )
     args = parser.parse_args(argv)
     api_key = None
     if args.api_key_env is not None:
@@ -144,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             echo_rejected=args.echo_rejected_key,
             fault_rate=args.fault_rate,
             fault_after=args.fault_after,
+            logprobs=not args.no_logprobs,
         )
     )
     return 0
