@@ -207,9 +207,7 @@ class Ensemble:
             m if isinstance(m, Member) else Member(m, retry=retry, global_limit=self.global_limit)
             for m in members
         ]
-        names = [m.name for m in self.members]
-        if len(set(names)) != len(names):
-            raise ValueError(f"member names must be unique, got {names}")
+        _unique_names(self.members)
         self.policy: Policy = policy
         self.threshold = threshold
         self.similarity = similarity
@@ -543,3 +541,24 @@ async def _aiter(items: Iterable[Item] | AsyncIterable[Item]) -> AsyncIterator[I
     else:
         for item in items:
             yield item
+
+
+def _unique_names(members: Sequence[Member]) -> None:
+    """Member names must be unique (they key stats, provenance and the cache).  Members
+    named after their backend by default (two ``openai`` servers, say) are told apart by
+    a suffix (``openai``, ``openai-2``); explicitly given names are never changed, and
+    two equal ones are an error."""
+    explicit = [m.name for m in members if not m.auto_named]
+    if len(set(explicit)) != len(explicit):
+        raise ValueError(f"member names must be unique, got {[m.name for m in members]}")
+    taken = set(explicit)
+    for member in members:
+        if not member.auto_named:
+            continue
+        name, k = member.name, 1
+        while name in taken:
+            k += 1
+            name = f"{member.name}-{k}"
+        if name != member.name:
+            member.rename(name)
+        taken.add(name)

@@ -115,6 +115,9 @@ class Member:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.backend = backend
         self.name = name or backend.name
+        self.auto_named = name is None
+        """True when the name is the backend's (an ``Ensemble`` may then suffix it to keep
+        member names unique); an explicit name is never changed."""
         self.weight = weight
         self.instruction_tuned = instruction_tuned
         if isinstance(concurrency, AdaptiveLimiter):
@@ -163,6 +166,12 @@ class Member:
     async def _info(self) -> BackendInfo:
         async with attempt_timeout(self.timeout_s, backend=self.name):
             return await info_of(self.backend)
+
+    def rename(self, name: str) -> None:
+        """Give this member another name (its stats follow).  Used by ``Ensemble`` to
+        tell apart members whose backends share a default name."""
+        self.name = name
+        self.stats.name = name
 
     # -- the response cache ------------------------------------------------------------
 

@@ -84,3 +84,12 @@ def test_selection_options_are_checked() -> None:
         Ensemble([Plain(name="p")], selection=SelectionConfig("target-fit", "x"))
     with pytest.raises(ValueError, match="only used by the target-fit"):
         Ensemble([Plain(name="p")], target="p")
+
+
+def test_members_named_after_their_backend_are_told_apart() -> None:
+    a, b, c = Plain(name="openai"), Plain(name="openai"), Plain(name="openai")
+    ensemble = Ensemble([a, b, Member(c, name="mine")])
+    assert [m.name for m in ensemble.members] == ["openai", "openai-2", "mine"]
+    assert ensemble.members[1].stats.name == "openai-2"
+    with pytest.raises(ValueError, match="unique"):
+        Ensemble([Member(a, name="x"), Member(b, name="x")])

@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 from ensemble_async import errors
+from ensemble_async.assemble import build_members
 from ensemble_async.backends.openai import OpenAIBackend, TransportName
-from ensemble_async.config import build_members, load_config
+from ensemble_async.config import load_config
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.testing._server import LoopbackServer
@@ -232,7 +233,7 @@ def test_the_config_passes_the_options_through(tmp_path: Path) -> None:
             options = {{ max_completion_chars = 77 }}
             [roles]
             writer = "t"
-            answerers = ["o", "t"]
+            answerers = ["o"]
             """
         )
     )
