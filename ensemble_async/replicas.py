@@ -154,6 +154,9 @@ class ReplicaSet(BaseBackend):
         self._waiters: list[asyncio.Future[None]] = []
         self._last_error: BackendError | None = None
         self._info: BackendInfo | None = None
+        self._out = 0  # replicas out of service
+        self._next_probe_at = float("inf")
+        self._set_latency: float | None = None  # EWMA over all replicas
 
     # -- construction ---------------------------------------------------------------------
 
@@ -214,22 +217,33 @@ class ReplicaSet(BaseBackend):
         Raises the latest failure's class when no replica is in service.
         """
         now = self._clock()
+        if self._out and now >= self._next_probe_at:
+            probe = self._due_probe(now)
+            if probe is not None:
+                probe.probing = True  # exactly one request goes through as the probe
+                self._refresh_out()
+                return probe
+        replicas = self.replicas
+        n = len(replicas)
+        if n > 1 and not self.affinity_chars:
+            # The common case in O(1): two distinct replicas at random, both eligible.
+            rnd = self._rng.random
+            i = int(rnd() * n)
+            j = int(rnd() * (n - 1))
+            j += j >= i
+            a, b = replicas[i], replicas[j]
+            if _eligible(a, now) and _eligible(b, now):
+                return a if self._cost(a) <= self._cost(b) else b
         eligible: list[Replica] = []
         avoided: list[Replica] = []
-        probe: Replica | None = None
         any_in_service = False
-        for r in self.replicas:
+        for r in replicas:
             if not r.in_service:
-                if not r.probing and now >= r.out_until and probe is None:
-                    probe = r
                 continue
             any_in_service = True
             if r.limit is not None and r.outstanding >= r.limit:
                 continue
             (avoided if r.avoid_until > now else eligible).append(r)
-        if probe is not None:
-            probe.probing = True  # exactly one request goes through as the probe
-            return probe
         if not eligible:
             eligible = avoided
         if not eligible:
@@ -242,6 +256,18 @@ class ReplicaSet(BaseBackend):
                 return preferred
         return self._p2c(eligible)
 
+    def _due_probe(self, now: float) -> Replica | None:
+        for r in self.replicas:
+            if not r.in_service and not r.probing and now >= r.out_until:
+                return r
+        return None
+
+    def _refresh_out(self) -> None:
+        """Recount the replicas out of service and when the next probe is due."""
+        waiting = [r.out_until for r in self.replicas if not r.in_service and not r.probing]
+        self._out = sum(not r.in_service for r in self.replicas)
+        self._next_probe_at = min(waiting, default=float("inf"))
+
     def _p2c(self, eligible: list[Replica]) -> Replica:
         if len(eligible) == 1:
             return eligible[0]
@@ -250,8 +276,8 @@ class ReplicaSet(BaseBackend):
 
     def _cost(self, r: Replica) -> float:
         latency = r.latency_s
-        if latency is None:  # no sample yet: assume it is as fast as the fastest known
-            latency = min((x.latency_s for x in self.replicas if x.latency_s), default=1.0)
+        if latency is None:  # no sample yet: assume the set's average
+            latency = self._set_latency or 1.0
         return (r.outstanding + 1) * latency
 
     def _preferred(self, request: GenerationRequest, eligible: list[Replica]) -> Replica | None:
@@ -300,8 +326,11 @@ class ReplicaSet(BaseBackend):
             elapsed = now - started
             old = replica.latency_s
             replica.latency_s = elapsed if old is None else old + self.ewma_alpha * (elapsed - old)
+            whole = self._set_latency
+            self._set_latency = elapsed if whole is None else whole + 0.05 * (elapsed - whole)
             if not replica.in_service or replica.probing:
                 replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
+                self._refresh_out()
         elif isinstance(error, BackendError) and error.retryable:
             replica.failures += 1
             replica.avoid_until = now + self.avoid_s
@@ -310,12 +339,14 @@ class ReplicaSet(BaseBackend):
                 self._eject(replica, now)
             elif replica.probing:  # an overloaded probe: the server is up, let it back
                 replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
+                self._refresh_out()
         elif replica.probing:
             # Cancelled, or a fatal answer (the server is up): the probe proved nothing
             # or proved it alive; let the next request decide.
             replica.probing = False
             if isinstance(error, BackendError):
                 replica.in_service, replica.backoff_s = True, 0.0
+            self._refresh_out()
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
@@ -330,6 +361,7 @@ class ReplicaSet(BaseBackend):
         replica.in_service = False
         replica.probing = False
         replica.out_until = now + replica.backoff_s
+        self._refresh_out()
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -372,6 +404,7 @@ class ReplicaSet(BaseBackend):
                 healthy += 1
                 if not r.in_service and not r.probing:
                     r.in_service, r.backoff_s = True, 0.0
+                    self._refresh_out()
             elif isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result  # cancellation and the like
         detail = f"{healthy}/{len(self.replicas)} replicas healthy"
@@ -417,6 +450,10 @@ class ReplicaSet(BaseBackend):
             self._owned.clear()
             for waiter in self._waiters:
                 waiter.cancel()
+
+
+def _eligible(r: Replica, now: float) -> bool:
+    return r.in_service and (r.limit is None or r.outstanding < r.limit) and r.avoid_until <= now
 
 
 def _takes(factory: Callable[..., Any], option: str) -> bool:

@@ -198,6 +198,7 @@ _RERANK_AT = (1 << 10, 1 << 12, 1 << 14, 1 << 16)
 
 
 _BUCKETS = 64
+_NONE = np.empty(0, dtype=np.int32)
 _NEVER = 1 << 30  # an overlap no text reaches
 _Table = npt.NDArray[np.int32]
 _SATURATED = 255
@@ -319,6 +320,7 @@ class NoveltyFilter:
         self._short: dict[int, array.array[int]] = {}
         # Per entry, its token counts hashed into _BUCKETS buckets (saturating at 255).
         self._sketch: npt.NDArray[np.uint8] = np.zeros((64, _BUCKETS), dtype=np.uint8)
+        self._saturated = False  # whether any entry's sketch has a saturated bucket
         # Global item order: _order[tid] for ranked tokens (by frequency, rarest first);
         # tokens first seen after the last re-ranking sort before all of them, newest first.
         self._freq: list[int] = [0]
@@ -374,7 +376,7 @@ class NoveltyFilter:
             else:
                 if entry == len(self._sketch):
                     self._sketch = np.concatenate([self._sketch, np.zeros_like(self._sketch)])
-                self._sketch[entry] = _sketch(ids)
+                self._set_sketch(entry, ids)
                 self._index_prefix(entry, ids, self._rule)
             if self._full:
                 self._index_full(entry, ids)
@@ -406,10 +408,17 @@ class NoveltyFilter:
         self._prefix = {}
         self._short = {}
         self._sketch = np.zeros((max(64, len(self._lens_buf)), _BUCKETS), dtype=np.uint8)
+        self._saturated = False
         for entry in range(len(self._texts)):
             ids = self._ids(entry)
-            self._sketch[entry] = _sketch(ids)
+            self._set_sketch(entry, ids)
             self._index_prefix(entry, ids, rule)
+
+    def _set_sketch(self, entry: int, ids: list[int]) -> None:
+        sketch = _sketch(ids)
+        self._sketch[entry] = sketch
+        if not self._saturated and int(sketch.max(initial=0)) == _SATURATED:
+            self._saturated = True
 
     def _sorted_items(self, ids: Iterable[int]) -> list[int]:
         """Item keys of the known tokens in ``ids``, in the global order (rarest first).
@@ -498,9 +507,10 @@ class NoveltyFilter:
     @staticmethod
     def _probe(
         index: dict[int, array.array[int]], items: list[int], known: int, table: _Table
-    ) -> npt.NDArray[np.int32]:
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
         """Entries of ``index`` hit by the probe ``items`` that pass the length filter
-        (folded into ``table``) and the positional filter (an entry may repeat)."""
+        (folded into ``table``) and the positional filter, with the overlap each needs
+        (an entry may repeat)."""
         parts: list[npt.NDArray[np.int32]] = []
         probe_of: list[int] = []
         for i, item in enumerate(items):
@@ -510,7 +520,7 @@ class NoveltyFilter:
                 parts.append(np.frombuffer(postings, dtype=np.int32))
                 probe_of.append(i)
         if not parts:
-            return np.empty(0, dtype=np.int32)
+            return _NONE, _NONE
         # Per hit: the entry, its length, and how many of its items start at the hit.
         # Positional filter: a pair's shared items all lie at or after its first hit in
         # both texts, so it needs ``need <= room`` on both sides there. A later hit of the
@@ -524,8 +534,8 @@ class NoveltyFilter:
             hits = np.concatenate(parts).reshape(-1, 3)
             room = np.repeat(known - np.array(probe_of), [len(p) // 3 for p in parts])
         need = table[hits[:, 1]]
-        found: npt.NDArray[np.int32] = hits[:, 0][(need <= hits[:, 2]) & (need <= room)]
-        return found
+        keep = (need <= hits[:, 2]) & (need <= room)
+        return hits[:, 0][keep], need[keep]
 
     def _prefix_candidates(self, query: _Query) -> npt.NDArray[np.intp]:
         """Pool entries that could score above the threshold (a superset, by the bound)."""
@@ -541,16 +551,21 @@ class NoveltyFilter:
             self._probe(self._prefix, items[: max(0, known - o_longer + 1)], known, longer),
             self._probe(self._short, items[: max(0, known - o_any + 1)], known, shorter),
         ]
-        entries = np.concatenate([f for f in found if len(f)] or [np.empty(0, np.int32)])
+        entries = np.concatenate([f[0] for f in found])
         if len(entries) == 0:
             return np.empty(0, dtype=np.intp)
-        entries = np.unique(entries)
-        need = np.minimum(longer, shorter)[self._lens_buf[entries]]
-        # The overlap of the token multisets is at most the sum of per-bucket minima.
-        shared = np.minimum(self._sketch[entries], _sketch(query.ids))
-        bound = shared.sum(axis=1, dtype=np.int64)
-        bound[(shared == _SATURATED).any(axis=1)] = la
-        candidates: npt.NDArray[np.intp] = entries[bound >= need].astype(np.intp)
+        need = np.concatenate([f[1] for f in found])
+        # The overlap of the token multisets is at most the sum of per-bucket minima
+        # (entries hit twice are tested twice: cheaper than making them unique first).
+        shared = np.minimum(self._sketch.take(entries, axis=0), _sketch(query.ids))
+        bound = shared.sum(axis=1, dtype=np.uint16)  # at most 64 * 255
+        if self._saturated:
+            bound = bound.astype(np.int64)
+            bound[(shared == _SATURATED).any(axis=1)] = la
+        survivors = entries[bound >= need]
+        if len(survivors) > 1:
+            survivors = np.unique(survivors)
+        candidates: npt.NDArray[np.intp] = survivors.astype(np.intp)
         return candidates
 
     def _bounded(self, query: _Query) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
