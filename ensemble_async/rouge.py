@@ -32,15 +32,32 @@ ceil(la * t' / (2 - t'))``. Sort every text's items in one fixed global order; i
 share ``o >= o_min`` items, the smallest shared item lies within the first
 ``n - o_min(n) + 1`` items of *each* (each text has at most ``n - o_min`` unshared items).
 So the pool indexes only those prefix items, a query probes only its own prefix, and a
-pool entry that shares no prefix item cannot exceed ``t``. A probe hit is dropped early
-when ``1 + min(items after it in either text)`` cannot reach the pair's required overlap
-(the positional filter); survivors are scored exactly.
+pool entry that shares no prefix item cannot exceed ``t``.
 
-*The order.* Correctness needs only one fixed total order; rarity first only makes it fast.
-Token ids are given at first sight, and frequent words are seen first, so items are ordered
-by *descending* token id, then occurrence number: later-seen (rarer) tokens first. A new
-token gets a higher id than all before it, so the order of indexed items never changes; a
-query's tokens the pool has never seen match nothing and are left out of its prefix.
+*The order.* Correctness needs only one fixed total order at any moment (every indexed
+prefix and every query use it); rarity first only makes it fast. Tokens are ranked by
+their frequency in the pool, rarest first, when the pool reaches 1,024, 4,096, 16,384 and
+65,536 texts (the prefix index is rebuilt each time: amortised O(1) per text), and the
+ranking is then frozen: by then the frequent words, the ones that matter, are well
+estimated. A token first seen after the last ranking sorts before every ranked one
+(newest first), which leaves the order of everything indexed unchanged; if the text drifts
+so that such a token becomes frequent, the filter gets slower, never wrong. Tokens of a
+query that the pool has never seen match nothing and are left out of its prefix.
+
+*Two prefixes.* A pair also needs ``o >= t' * min(la, lb)`` (as ``la + lb >= 2 * min``), so
+the shorter text of a pair may use a shorter prefix: ``n - ceil(t' * n) + 1`` items. Each
+entry is indexed twice: under its long prefix (``o_min`` as above, for partners no longer
+than itself) and under its short prefix (for longer partners). A query probes the long
+prefixes of entries at least as long as itself with its own short prefix, and the short
+prefixes of shorter entries with its long prefix, so the frequent items near the end of
+long prefixes meet each other far less often.
+
+*Filters before the exact score.* The length filter, then the positional filter (a pair's
+shared items all lie at or after its first shared item in both texts, so the remaining
+items on each side must still hold the overlap the pair needs), then a 64-bucket sketch
+of each text's token counts (the sum of per-bucket minima bounds the multiset overlap).
+Survivors are scored exactly with the bit-parallel LCS, and a decision is only ever taken
+on an exact score.
 
 :meth:`NoveltyFilter.max_similarity`, :meth:`~NoveltyFilter.similarities` and
 :meth:`~NoveltyFilter.top_similar` need scores below the threshold too; they use a second,
@@ -314,8 +331,8 @@ class NoveltyFilter:
         self._rule_threshold = threshold
         # Prefix indexes (for threshold decisions): item key -> flat (entry, length,
         # length - position) triples, one per pool entry whose prefix holds the item. The
-        # long prefixes serve partners at least as long as the entry, the short ones
-        # (a part of the long ones) serve shorter partners.
+        # long prefixes serve partners no longer than the entry, the short ones (a part
+        # of the long ones) serve longer partners.
         self._prefix: dict[int, array.array[int]] = {}
         self._short: dict[int, array.array[int]] = {}
         # Per entry, its token counts hashed into _BUCKETS buckets (saturating at 255).
