@@ -180,6 +180,8 @@ class ReplicaSet(BaseBackend):
         HTTP adapters (those whose factory takes ``session``) share one pooled session,
         owned and closed by the set, unless ``options`` passes one.
         """
+        if "url" in options:
+            raise ValueError("give url (one server) or urls (replicas), not both")
         if not urls:
             raise ValueError("urls must name at least one replica")
         if len(set(urls)) != len(urls):

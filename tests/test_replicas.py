@@ -78,6 +78,8 @@ async def test_create_backend_with_urls_is_one_backend_naming_its_replicas() -> 
 def test_bad_replica_lists_are_refused() -> None:
     with pytest.raises(ValueError, match="at least one"):
         create_backend("tgi", urls=[])
+    with pytest.raises(ValueError, match="not both"):
+        create_backend("tgi", urls=["http://127.0.0.1:1"], url="http://127.0.0.1:2")
     with pytest.raises(ValueError, match="repeat"):
         create_backend("tgi", urls=["http://127.0.0.1:1", "http://127.0.0.1:1"])
 
@@ -229,3 +231,24 @@ async def test_without_affinity_shared_prompts_spread() -> None:
         for i in range(40):
             await b.generate(GenerationRequest(prompt=demos + f"task {i}", max_new_tokens=4))
         assert all(d.stats.requests > 0 for d in ds)
+
+
+async def test_streams_eject_a_dead_replica_and_release_slots_when_closed_early() -> None:
+    clock = FakeClock()
+    async with doubles(0.0, 0.0) as ds:
+        backend = replica_set(ds)
+        backend._clock = clock
+        await ds[0].stop()
+        backend.replicas[0].latency_s, backend.replicas[1].latency_s = 1e-9, 1.0
+        async with backend:
+            with pytest.raises(ConnectError):
+                async for _ in backend.stream(REQUEST):
+                    pass
+            assert not backend.replicas[0].in_service
+            stream = backend.stream(REQUEST)
+            first = await anext(stream)
+            assert isinstance(first, TextDelta)
+            assert backend.replicas[1].outstanding == 1
+            await stream.aclose()  # the consumer stops early
+            assert [r.outstanding for r in backend.replicas] == [0, 0]
+            assert backend.replicas[1].in_service
