@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -246,6 +246,7 @@ async def test_streams_eject_a_dead_replica_and_release_slots_when_closed_early(
                     pass
             assert not backend.replicas[0].in_service
             stream = backend.stream(REQUEST)
+            assert isinstance(stream, AsyncGenerator)
             first = await anext(stream)
             assert isinstance(first, TextDelta)
             assert backend.replicas[1].outstanding == 1
