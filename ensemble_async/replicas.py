@@ -29,8 +29,12 @@ The rules:
   it back in service, failure ejects it again for twice as long. Overload answers (429,
   503) and bad requests never eject: they are about load or the request, not health.
 * **All out.** When every replica is out of service and no backoff has ended, the call
-  fails at once with the class of the latest replica failure (a ``ConnectError`` when
-  the servers refuse connections), as a single server's failure would.
+  fails at once with the class of the latest failure that ejected a replica (a
+  ``ConnectError`` when the servers refuse connections), as a single server's would.
+* **Timeouts.** The adapter's own timeout (``RequestTimeoutError``) ejects. A call the
+  member cancels (its attempt timeout, or a straggler the ensemble no longer needs)
+  ejects nothing, but when it ran longer than the replica's average it raises that
+  average, so a replica that hangs gets ever fewer requests.
 * **Prefix affinity** (``affinity_chars > 0``, off by default): requests whose prompts
   share their first ``affinity_chars`` characters (the few-shot demos) prefer the same
   replica, so its prefix cache is reused, unless that replica is not eligible or has more
@@ -330,30 +334,47 @@ class ReplicaSet(BaseBackend):
             replica.latency_s = elapsed if old is None else old + self.ewma_alpha * (elapsed - old)
             whole = self._set_latency
             self._set_latency = elapsed if whole is None else whole + 0.05 * (elapsed - whole)
-            if not replica.in_service or replica.probing:
+            # Only the probe brings a replica back: a late success of a call sent before
+            # the ejection says little about the server now.
+            if replica.probing:
                 replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
                 self._refresh_out()
         elif isinstance(error, BackendError) and error.retryable:
             replica.failures += 1
             replica.avoid_until = now + self.avoid_s
-            self._last_error = error
             if isinstance(error, _EJECTING):
+                self._last_error = error
                 self._eject(replica, now)
             elif replica.probing:  # an overloaded probe: the server is up, let it back
                 replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
                 self._refresh_out()
-        elif replica.probing:
-            # Cancelled, or a fatal answer (the server is up): the probe proved nothing
-            # or proved it alive; let the next request decide.
-            replica.probing = False
-            if isinstance(error, BackendError):
-                replica.in_service, replica.backoff_s = True, 0.0
-            self._refresh_out()
+        else:
+            if not isinstance(error, BackendError):
+                # Cancelled (a straggler the ensemble no longer needs, or the member's
+                # attempt timeout): a call that ran longer than the replica's average
+                # still tells that it is at least that slow.
+                elapsed = now - started
+                old = replica.latency_s
+                if old is not None and elapsed > old:
+                    replica.latency_s = old + self.ewma_alpha * (elapsed - old)
+            if replica.probing:
+                # A cancelled probe proved nothing; a fatal answer (4xx) proved the
+                # server up. Let the next request decide, or put it back.
+                replica.probing = False
+                if isinstance(error, BackendError):
+                    replica.in_service, replica.backoff_s = True, 0.0
+                self._refresh_out()
+        self._wake(everyone=error is not None)
+
+    def _wake(self, *, everyone: bool) -> None:
+        """Wake one request waiting for a slot, or all of them (after a failure the
+        replicas in service may have changed, and each must look again)."""
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                if not everyone:
+                    break
 
     def _eject(self, replica: Replica, now: float) -> None:
         if replica.in_service or replica.probing:

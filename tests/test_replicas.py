@@ -253,3 +253,36 @@ async def test_streams_eject_a_dead_replica_and_release_slots_when_closed_early(
             await stream.aclose()  # the consumer stops early
             assert [r.outstanding for r in backend.replicas] == [0, 0]
             assert backend.replicas[1].in_service
+
+
+async def test_requests_waiting_for_a_slot_all_fail_when_every_replica_is_ejected() -> None:
+    async with doubles(0.0, 0.0) as ds:
+        urls = [d.url for d in ds]
+        for d in ds:
+            await d.stop()
+    async with create_backend("tgi", urls=urls, name="m") as backend:
+        assert isinstance(backend, ReplicaSet)
+        for r in backend.replicas:
+            r.limit = 1  # two requests in flight, the other six wait for a slot
+        async with asyncio.timeout(30):  # a lost wake-up would hang here
+            results = await asyncio.gather(
+                *(backend.generate(REQUEST) for _ in range(8)), return_exceptions=True
+            )
+    assert all(isinstance(r, ConnectError) for r in results)
+    assert sum(r.requests for r in backend.replicas) == 2  # the others never sent
+
+
+async def test_a_cancelled_slow_call_raises_the_replicas_latency_estimate() -> None:
+    clock = FakeClock()
+    async with doubles(30.0, 0.0) as ds, replica_set(ds) as backend:
+        backend._clock = clock
+        hung = backend.replicas[0]
+        hung.latency_s, backend.replicas[1].latency_s = 0.01, 1.0
+        task = asyncio.create_task(backend.generate(REQUEST))
+        await ds[0].wait_active()
+        clock.now += 5.0  # the member's attempt timeout would fire about now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hung.in_service and hung.outstanding == 0
+        assert hung.latency_s > 0.9  # 0.01 + 0.2 * (5 - 0.01)
