@@ -385,18 +385,18 @@ class NoveltyFilter:
             self._lens_buf = np.concatenate([self._lens_buf, np.zeros_like(self._lens_buf)])
         self._lens_buf[entry] = len(ids)
         self._longest = max(self._longest, len(ids))
-        if self.prune:
-            if len(self._texts) in _RERANK_AT:
-                self._rerank()  # indexes the new entry too
-            elif self._rule_threshold != self.threshold:
-                self._reindex()  # likewise
-            else:
-                if entry == len(self._sketch):
-                    self._sketch = np.concatenate([self._sketch, np.zeros_like(self._sketch)])
-                self._set_sketch(entry, ids)
-                self._index_prefix(entry, ids, self._rule)
-            if self._full:
-                self._index_full(entry, ids)
+        # Indexed even with prune=False, so that turning pruning on later stays exact.
+        if len(self._texts) in _RERANK_AT:
+            self._rerank()  # indexes the new entry too
+        elif self._rule_threshold != self.threshold:
+            self._reindex()  # likewise
+        else:
+            if entry == len(self._sketch):
+                self._sketch = np.concatenate([self._sketch, np.zeros_like(self._sketch)])
+            self._set_sketch(entry, ids)
+            self._index_prefix(entry, ids, self._rule)
+        if self._full:
+            self._index_full(entry, ids)
 
     def _ids(self, entry: int) -> list[int]:
         seq = self._seqs[entry]

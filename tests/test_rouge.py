@@ -575,3 +575,15 @@ def test_decisions_at_scale_equal_brute_force() -> None:
     assert novelty.texts == tuple(pool)
     assert len(pool) > 1024
     assert rejected > 100  # near duplicates were really rejected
+
+
+def test_turning_pruning_on_later_stays_exact() -> None:
+    texts = _zipf_instructions(300, seed=9)
+    novelty = NoveltyFilter(texts[:200], prune=False)
+    novelty.prune = True
+    brute = list(novelty.texts)
+    for text in texts[200:]:
+        expected = _brute_novel(text, brute, 0.7)
+        assert novelty.offer(text) == expected
+        if expected:
+            brute.append(text)
