@@ -15,6 +15,7 @@ from ensemble_async.registry import create_backend
 from ensemble_async.replicas import ReplicaSet, replica_label
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.testing.faults import Fault
+from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
 from ensemble_async.types import Completion, GenerationRequest, TextDelta
 
@@ -286,3 +287,14 @@ async def test_a_cancelled_slow_call_raises_the_replicas_latency_estimate() -> N
             await task
         assert hung.in_service and hung.outstanding == 0
         assert hung.latency_s > 0.9  # 0.01 + 0.2 * (5 - 0.01)
+
+
+async def test_openai_compatible_replicas_work_the_same_way() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        ds = [await stack.enter_async_context(OpenAIDouble()) for _ in range(3)]
+        backend = create_backend("openai", urls=[d.url for d in ds], name="v")
+        async with backend:
+            assert isinstance(backend, ReplicaSet)
+            got = await asyncio.gather(*(backend.generate(REQUEST) for _ in range(30)))
+        assert {c.backend for [c] in got} == {"v"}
+        assert {c.replica for [c] in got} == {replica_label(d.url) for d in ds}
