@@ -18,7 +18,7 @@ entry point of its target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, cast
@@ -96,9 +96,19 @@ def backend_requires(kind: str) -> tuple[str, ...]:
     return ()
 
 
-def create_backend(kind: str, **options: Any) -> Backend:
-    """Build a backend of the given kind with keyword options."""
-    return backend_factory(kind)(**options)
+def create_backend(kind: str, urls: Sequence[str] | None = None, **options: Any) -> Backend:
+    """Build a backend of the given kind with keyword options.
+
+    With ``urls``, one backend of that kind per URL behind one
+    :class:`~ensemble_async.replicas.ReplicaSet` (a single Backend; see that module for the
+    balancing options it takes besides the adapter's own).
+    """
+    factory = backend_factory(kind)
+    if urls is None:
+        return factory(**options)
+    from .replicas import ReplicaSet
+
+    return ReplicaSet.from_urls(factory, list(urls), kind=kind, **options)
 
 
 def refresh() -> None:

@@ -17,15 +17,56 @@ Everything here reproduces ``rouge_score`` bit for bit:
 target, ``b`` the prediction) exactly, not just to a tolerance.
 
 :class:`NoveltyFilter` is the Self-Instruct / Ensemble-Instruct dedup step: a candidate is
-kept when its highest ROUGE-L against every text in the pool is ``<= threshold``. It
-tokenizes each pool text once, keeps an inverted index (token id -> pool entries with
-their token counts) and prunes with an upper bound that cannot change a decision: the
-LCS of two sequences is at most the size of their token multiset intersection ``m``, so
-``F = 2 * lcs / (len_a + len_b) <= 2 * m / (len_a + len_b)``. Pool entries that share no
-token score exactly 0 and are never looked at; the rest are visited in decreasing order of
-their bound and the scan stops as soon as no remaining bound can beat the answer. The
-bound is only used with a safety margin (``1e-9``) far above floating-point rounding, and
-every score that decides anything is computed exactly.
+kept when its highest ROUGE-L against every text in the pool is ``<= threshold``. Deciding
+that must not touch most of the pool, or the filter slows down as the pool grows; it uses
+prefix filtering, the technique of exact set-similarity joins.
+
+*The bound.* A text of ``n`` tokens is the set of items ``(token, k)`` for the ``k``-th
+occurrence of each token, so the token-multiset overlap ``o`` of two texts is a set
+intersection, and ``lcs <= o <= min(la, lb)``. rouge_score's ``2pr/(p+r)`` with
+``p = lcs/lb`` and ``r = lcs/la`` is ``2 * lcs / (la + lb)`` up to a few ulps, so a pair can
+score above ``t`` only when ``o >= t' * (la + lb) / 2`` with ``t' = t - 1e-9`` (a margin far
+above rounding). As ``o <= lb`` this forces ``lb >= la * t' / (2 - t')`` (and symmetrically
+``lb <= la * (2 - t') / t'``: the length filter), and then ``o >= o_min(la) =
+ceil(la * t' / (2 - t'))``. Sort every text's items in one fixed global order; if two texts
+share ``o >= o_min`` items, the smallest shared item lies within the first
+``n - o_min(n) + 1`` items of *each* (each text has at most ``n - o_min`` unshared items).
+So the pool indexes only those prefix items, a query probes only its own prefix, and a
+pool entry that shares no prefix item cannot exceed ``t``.
+
+*The order.* Correctness needs only one fixed total order at any moment (every indexed
+prefix and every query use it); rarity first only makes it fast. Tokens are ranked by
+their frequency in the pool, rarest first, when the pool reaches 1,024, 4,096, 16,384 and
+65,536 texts (the prefix index is rebuilt each time: amortised O(1) per text), and the
+ranking is then frozen: by then the frequent words, the ones that matter, are well
+estimated. A token first seen after the last ranking sorts before every ranked one
+(newest first), which leaves the order of everything indexed unchanged; if the text drifts
+so that such a token becomes frequent, the filter gets slower, never wrong. Tokens of a
+query that the pool has never seen match nothing and are left out of its prefix.
+
+*Two prefixes.* A pair also needs ``o >= t' * min(la, lb)`` (as ``la + lb >= 2 * min``), so
+the shorter text of a pair may use a shorter prefix: ``n - ceil(t' * n) + 1`` items. Each
+entry is indexed twice: under its long prefix (``o_min`` as above, for partners no longer
+than itself) and under its short prefix (for longer partners). A query probes the long
+prefixes of entries at least as long as itself with its own short prefix, and the short
+prefixes of shorter entries with its long prefix, so the frequent items near the end of
+long prefixes meet each other far less often.
+
+*Filters before the exact score.* The length filter, then the positional filter (a pair's
+shared items all lie at or after its first shared item in both texts, so the remaining
+items on each side must still hold the overlap the pair needs), then a 64-bucket sketch
+of each text's token counts (the sum of per-bucket minima bounds the multiset overlap).
+Survivors are scored exactly with the bit-parallel LCS, and a decision is only ever taken
+on an exact score.
+
+:meth:`NoveltyFilter.max_similarity`, :meth:`~NoveltyFilter.similarities` and
+:meth:`~NoveltyFilter.top_similar` need scores below the threshold too; they use a second,
+full inverted index (token id -> pool entries with their counts), built on first use, and
+prune with the weaker bound ``F <= 2 * o / (la + lb)``: entries that share no token score
+exactly 0 and are never looked at, the rest are visited in decreasing order of their bound
+and the scan stops as soon as no remaining bound can beat the answer. Their cost grows
+with the pool; :meth:`~NoveltyFilter.offer` and :meth:`~NoveltyFilter.is_novel` do not use
+them.
 
 The filter is not thread-safe; use it from one thread (or guard it with a lock).
 """
@@ -34,6 +75,7 @@ from __future__ import annotations
 
 import array
 import heapq
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -154,12 +196,101 @@ def rouge_l(a: str, b: str, *, stem: bool = False) -> float:
 class _Query:
     """A text to score against the pool, tokenized and encoded once."""
 
-    __slots__ = ("counts", "length", "seq")
+    __slots__ = ("counts", "ids", "length", "seq")
 
-    def __init__(self, seq: Seq, length: int, counts: dict[int, int]) -> None:
+    def __init__(self, seq: Seq, ids: list[int], counts: dict[int, int]) -> None:
         self.seq = seq
-        self.length = length
+        self.ids = ids  # token ids, 0 for tokens the pool has never seen
+        self.length = len(ids)
         self.counts = counts  # token id -> count, only ids known to the pool
+
+
+# An item is (token id, occurrence number); its integer key packs both.
+_OCC_SHIFT = 32
+
+
+# The global order is re-ranked by observed token frequency when the pool reaches these
+# sizes, then frozen (see the module docstring).
+_RERANK_AT = (1 << 10, 1 << 12, 1 << 14, 1 << 16)
+
+
+_BUCKETS = 64
+_NONE = np.empty(0, dtype=np.int32)
+_NEVER = 1 << 30  # an overlap no text reaches
+_Table = npt.NDArray[np.int32]
+_SATURATED = 255
+
+
+def _sketch(ids: Iterable[int]) -> npt.NDArray[np.uint8]:
+    """Token counts hashed into buckets; a bucket that reaches 255 means "unknown".
+
+    For two texts, the sum over buckets of the smaller count bounds their token-multiset
+    overlap from above (tokens that share a bucket only add to it); unknown tokens (id 0)
+    are left out. A saturated bucket makes the bound unusable, and the caller treats it so.
+    """
+    buckets = [(tid * 0x9E3779B1 >> 7) % _BUCKETS for tid in ids if tid]
+    counts = np.bincount(np.array(buckets, dtype=np.int64), minlength=_BUCKETS)
+    return np.minimum(counts, _SATURATED).astype(np.uint8)
+
+
+class _PrefixRule:
+    """The length filter and prefix sizes for one threshold (see the module docstring)."""
+
+    __slots__ = ("_cache", "_tables", "ratio", "tp")
+
+    def __init__(self, threshold: float) -> None:
+        # F > t implies 2 * lcs / (la + lb) >= tp; clamped so the formulas stay finite.
+        self.tp = min(max(threshold - _BOUND_EPS, 0.0), 1.0)
+        self.ratio = self.tp / (2.0 - self.tp)  # lb >= la * ratio, o >= la * ratio
+        self._cache: dict[int, tuple[int, int, int, int]] = {}
+        self._tables: dict[tuple[int, int], tuple[_Table, _Table]] = {}
+
+    def for_length(self, n: int) -> tuple[int, int, int, int]:
+        """For a text of ``n`` tokens: ``(o_any, o_longer, shortest, longest)``.
+
+        ``o_any`` is the least overlap it needs with a partner of any length, ``o_longer``
+        with a partner at least as long; ``shortest`` and ``longest`` bound the partner's
+        length. The small subtractions keep float rounding from making a bound stricter.
+        """
+        try:
+            return self._cache[n]
+        except KeyError:
+            pass
+        if self.tp <= 0.0:
+            rule = (1, 1, 1, _NEVER)
+        else:
+            o_any = max(1, math.ceil(n * self.ratio - 1e-6))
+            o_longer = max(1, math.ceil(n * self.tp - 1e-6))
+            rule = (o_any, o_longer, o_any, math.floor(n / self.ratio + 1e-6))
+        if len(self._cache) < 4096:
+            self._cache[n] = rule
+        return rule
+
+    def need_tables(self, la: int, longest_entry: int) -> tuple[_Table, _Table]:
+        """Least overlap a text of ``la`` tokens needs with one of each length ``lb``.
+
+        Two tables indexed by ``lb`` in ``0..longest_entry``: for partners at least as
+        long (``lb >= la``) and for shorter ones; other lengths, and lengths the length
+        filter rules out, need more than any text has.
+        """
+        key = (la, longest_entry)
+        tables = self._tables.get(key)
+        if tables is None:
+            _, _, shortest, longest = self.for_length(la)
+            lb = np.arange(longest_entry + 1, dtype=np.float64)
+            need = np.ceil(self.tp * (la + lb) / 2.0 - 1e-6)
+            need[(lb < shortest) | (lb > longest)] = np.inf
+            longer, shorter = need.copy(), need
+            longer[lb < la] = np.inf
+            shorter[lb >= la] = np.inf
+            tables = (
+                np.minimum(longer, _NEVER).astype(np.int32),
+                np.minimum(shorter, _NEVER).astype(np.int32),
+            )
+            if len(self._tables) >= 4096:
+                self._tables.clear()
+            self._tables[key] = tables
+        return tables
 
 
 class NoveltyFilter:
@@ -169,8 +300,8 @@ class NoveltyFilter:
     a candidate ``text`` against a pool entry ``p`` is ``rouge_l(text, p, stem=stem)``
     (candidate as target, pool entry as prediction, as Self-Instruct scores it).
 
-    ``prune=False`` scores every pair without the index or the bound (a brute-force
-    reference that gives the same results, used by the tests and the benchmark).
+    ``prune=False`` scores every pair without any index or bound (a brute-force reference
+    that gives the same results, used by the tests and the benchmark).
     """
 
     # Largest token id that still fits in a code point; beyond it sequences fall back to
@@ -192,9 +323,27 @@ class NoveltyFilter:
         self._seqs: list[Seq] = []
         self._lens: list[int] = []
         self._lens_buf: npt.NDArray[np.int64] = np.zeros(64, dtype=np.int64)
+        self._longest = 0
         # id 0 is reserved for query tokens the pool has never seen: it matches nothing.
         self._vocab: dict[str, int] = {}
         self._as_text = True
+        self._rule = _PrefixRule(threshold)
+        self._rule_threshold = threshold
+        # Prefix indexes (for threshold decisions): item key -> flat (entry, length,
+        # length - position) triples, one per pool entry whose prefix holds the item. The
+        # long prefixes serve partners no longer than the entry, the short ones (a part
+        # of the long ones) serve longer partners.
+        self._prefix: dict[int, array.array[int]] = {}
+        self._short: dict[int, array.array[int]] = {}
+        # Per entry, its token counts hashed into _BUCKETS buckets (saturating at 255).
+        self._sketch: npt.NDArray[np.uint8] = np.zeros((64, _BUCKETS), dtype=np.uint8)
+        self._saturated = False  # whether any entry's sketch has a saturated bucket
+        # Global item order: _order[tid] for ranked tokens (by frequency, rarest first);
+        # tokens first seen after the last re-ranking sort before all of them, newest first.
+        self._freq: list[int] = [0]
+        self._order: list[int] = []
+        # Full inverted index (for exact maxima), built on first use.
+        self._full = False
         self._post_idx: dict[int, array.array[int]] = {}
         self._post_cnt: dict[int, array.array[int]] = {}
         for text in pool:
@@ -223,6 +372,8 @@ class NoveltyFilter:
             if tid is None:
                 tid = len(vocab) + 1
                 vocab[token] = tid
+                self._freq.append(0)
+            self._freq[tid] += 1
             ids.append(tid)
         if self._as_text and len(vocab) > self._max_code:
             self._switch_to_lists()
@@ -233,6 +384,95 @@ class NoveltyFilter:
         if entry == len(self._lens_buf):
             self._lens_buf = np.concatenate([self._lens_buf, np.zeros_like(self._lens_buf)])
         self._lens_buf[entry] = len(ids)
+        self._longest = max(self._longest, len(ids))
+        # Indexed even with prune=False, so that turning pruning on later stays exact.
+        if len(self._texts) in _RERANK_AT:
+            self._rerank()  # indexes the new entry too
+        elif self._rule_threshold != self.threshold:
+            self._reindex()  # likewise
+        else:
+            if entry == len(self._sketch):
+                self._sketch = np.concatenate([self._sketch, np.zeros_like(self._sketch)])
+            self._set_sketch(entry, ids)
+            self._index_prefix(entry, ids, self._rule)
+        if self._full:
+            self._index_full(entry, ids)
+
+    def _ids(self, entry: int) -> list[int]:
+        seq = self._seqs[entry]
+        return [ord(c) for c in seq] if isinstance(seq, str) else seq
+
+    def _current_rule(self) -> _PrefixRule:
+        """The prefix rule for the current threshold; re-index if the threshold changed."""
+        if self._rule_threshold != self.threshold:
+            self._reindex()
+        return self._rule
+
+    def _rerank(self) -> None:
+        """Order tokens by their frequency in the pool so far (rarest first); re-index."""
+        freq = self._freq
+        ranked = sorted(range(1, len(freq)), key=lambda tid: (freq[tid], -tid))
+        order = [0] * len(freq)
+        for rank, tid in enumerate(ranked):
+            order[tid] = rank
+        self._order = order
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the prefix index and the sketches for the current order and threshold."""
+        rule = self._rule = _PrefixRule(self.threshold)
+        self._rule_threshold = self.threshold
+        self._prefix = {}
+        self._short = {}
+        self._sketch = np.zeros((max(64, len(self._lens_buf)), _BUCKETS), dtype=np.uint8)
+        self._saturated = False
+        for entry in range(len(self._texts)):
+            ids = self._ids(entry)
+            self._set_sketch(entry, ids)
+            self._index_prefix(entry, ids, rule)
+
+    def _set_sketch(self, entry: int, ids: list[int]) -> None:
+        sketch = _sketch(ids)
+        self._sketch[entry] = sketch
+        if not self._saturated and int(sketch.max(initial=0)) == _SATURATED:
+            self._saturated = True
+
+    def _sorted_items(self, ids: Iterable[int]) -> list[int]:
+        """Item keys of the known tokens in ``ids``, in the global order (rarest first).
+
+        An item is the ``k``-th occurrence of a token; its key packs the token id and ``k``.
+        Unknown tokens (id 0) are left out: they match nothing.
+        """
+        order = self._order
+        ranked = len(order)
+        seen: dict[int, int] = {}
+        keyed: list[tuple[int, int, int]] = []
+        for tid in ids:
+            if tid == 0:
+                continue
+            k = seen.get(tid, 0)
+            seen[tid] = k + 1
+            keyed.append((order[tid] if tid < ranked else -tid, k, tid))
+        keyed.sort()
+        return [tid | (k << _OCC_SHIFT) for _, k, tid in keyed]
+
+    def _index_prefix(self, entry: int, ids: list[int], rule: _PrefixRule) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        o_any, o_longer, _, _ = rule.for_length(n)
+        items = self._sorted_items(ids)
+        long_end, short_end = max(0, n - o_any + 1), max(0, n - o_longer + 1)
+        for index, end in ((self._prefix, long_end), (self._short, short_end)):
+            for pos in range(end):
+                item = items[pos]
+                postings = index.get(item)
+                if postings is None:
+                    index[item] = array.array("i", (entry, n, n - pos))
+                else:
+                    postings.extend((entry, n, n - pos))
+
+    def _index_full(self, entry: int, ids: list[int]) -> None:
         for tid, count in Counter(ids).items():
             postings = self._post_idx.get(tid)
             if postings is None:
@@ -241,6 +481,12 @@ class NoveltyFilter:
             else:
                 postings.append(entry)
                 self._post_cnt[tid].append(count)
+
+    def _ensure_full(self) -> None:
+        if not self._full:
+            self._full = True
+            for entry in range(len(self._texts)):
+                self._index_full(entry, self._ids(entry))
 
     def _switch_to_lists(self) -> None:
         self._as_text = False
@@ -260,7 +506,7 @@ class NoveltyFilter:
         ids = [vocab.get(token, 0) for token in tokenize(text, stem=self.stem)]
         counts = Counter(ids)
         counts.pop(0, None)
-        return _Query(self._encode(ids), len(ids), dict(counts))
+        return _Query(self._encode(ids), ids, dict(counts))
 
     # -- scoring --------------------------------------------------------------------------
 
@@ -275,8 +521,73 @@ class NoveltyFilter:
         lcs = process.cdist([query.seq], choices, scorer=LCSseq.similarity, dtype=np.int64)[0]
         return _fmeasure_array(lcs, query.length, self._lens_np[entries])
 
+    @staticmethod
+    def _probe(
+        index: dict[int, array.array[int]], items: list[int], known: int, table: _Table
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+        """Entries of ``index`` hit by the probe ``items`` that pass the length filter
+        (folded into ``table``) and the positional filter, with the overlap each needs
+        (an entry may repeat)."""
+        parts: list[npt.NDArray[np.int32]] = []
+        probe_of: list[int] = []
+        for i, item in enumerate(items):
+            postings = index.get(item)
+            if postings is not None:
+                # A view, alive only inside this call (the array must stay free to grow).
+                parts.append(np.frombuffer(postings, dtype=np.int32))
+                probe_of.append(i)
+        if not parts:
+            return _NONE, _NONE
+        # Per hit: the entry, its length, and how many of its items start at the hit.
+        # Positional filter: a pair's shared items all lie at or after its first hit in
+        # both texts, so it needs ``need <= room`` on both sides there. A later hit of the
+        # same pair has less room, so testing every hit keeps exactly the pairs whose first
+        # hit passes.
+        room: npt.NDArray[np.int64] | int
+        if len(parts) == 1:
+            hits = parts[0].reshape(-1, 3)
+            room = known - probe_of[0]
+        else:
+            hits = np.concatenate(parts).reshape(-1, 3)
+            room = np.repeat(known - np.array(probe_of), [len(p) // 3 for p in parts])
+        need = table[hits[:, 1]]
+        keep = (need <= hits[:, 2]) & (need <= room)
+        return hits[:, 0][keep], need[keep]
+
+    def _prefix_candidates(self, query: _Query) -> npt.NDArray[np.intp]:
+        """Pool entries that could score above the threshold (a superset, by the bound)."""
+        rule = self._current_rule()
+        la = query.length
+        o_any, o_longer, _, _ = rule.for_length(la)
+        items = self._sorted_items(query.ids)
+        known = len(items)
+        longer, shorter = rule.need_tables(la, self._longest)
+        # Partners at least as long: the query's short prefix against their long prefixes.
+        # Shorter partners: the query's long prefix against their short prefixes.
+        found = [
+            self._probe(self._prefix, items[: max(0, known - o_longer + 1)], known, longer),
+            self._probe(self._short, items[: max(0, known - o_any + 1)], known, shorter),
+        ]
+        entries = np.concatenate([f[0] for f in found])
+        if len(entries) == 0:
+            return np.empty(0, dtype=np.intp)
+        need = np.concatenate([f[1] for f in found])
+        # The overlap of the token multisets is at most the sum of per-bucket minima
+        # (entries hit twice are tested twice: cheaper than making them unique first).
+        shared = np.minimum(self._sketch.take(entries, axis=0), _sketch(query.ids))
+        bound = shared.sum(axis=1, dtype=np.uint16)  # at most 64 * 255
+        if self._saturated:
+            bound = bound.astype(np.int64)
+            bound[(shared == _SATURATED).any(axis=1)] = la
+        survivors = entries[bound >= need]
+        if len(survivors) > 1:
+            survivors = np.unique(survivors)
+        candidates: npt.NDArray[np.intp] = survivors.astype(np.intp)
+        return candidates
+
     def _bounded(self, query: _Query) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
         """Entries sharing a token with ``query`` and their upper bounds ``2m/(la+lb)``."""
+        self._ensure_full()
         n = len(self._texts)
         # Views of the postings live only inside this call, so the arrays can still grow.
         singles: list[npt.NDArray[np.int32]] = []
@@ -302,12 +613,22 @@ class NoveltyFilter:
         return [self._score(query, entry) for entry in range(len(self._texts))]
 
     def max_similarity(self, text: str) -> float:
-        """Highest ROUGE-L of ``text`` against the pool (0.0 for an empty pool)."""
+        """Highest ROUGE-L of ``text`` against the pool (0.0 for an empty pool).
+
+        Fast when the answer is above the threshold (only the prefix candidates can reach
+        it); otherwise it needs the full index and its cost grows with the pool.
+        """
         query = self._query(text)
         if query.length == 0 or not self._texts:
             return 0.0
         if not self.prune:
             return max(self._brute_scores(query))
+        if self.threshold >= 0.0:
+            candidates = self._prefix_candidates(query)
+            if len(candidates):
+                best = float(self._score_many(query, candidates).max())
+                if best > self.threshold:
+                    return best  # every pair above the threshold is a candidate
         return self._max_pruned(query, stop_above=None)
 
     def _max_pruned(self, query: _Query, stop_above: float | None) -> float:
@@ -380,7 +701,20 @@ class NoveltyFilter:
             return True
         if not self.prune:
             return all(s <= self.threshold for s in self._brute_scores(query))
-        return self._max_pruned(query, stop_above=self.threshold) <= self.threshold
+        if not self.threshold >= 0.0:
+            return False  # every score (even 0.0 against an unrelated text) is above it
+        candidates = self._prefix_candidates(query)
+        n = len(candidates)
+        if n == 0:
+            return True
+        threshold = self.threshold
+        head = min(n, _SCALAR_BATCH)
+        for k in range(head):
+            if self._score(query, int(candidates[k])) > threshold:
+                return False
+        if head == n:
+            return True
+        return not bool((self._score_many(query, candidates[head:]) > threshold).any())
 
     def offer(self, text: str) -> bool:
         """Add ``text`` when it is novel (max similarity ``<= threshold``); say whether it was."""

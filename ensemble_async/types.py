@@ -120,6 +120,8 @@ class Completion:
     completion_tokens: int | None = None
     model: str | None = None
     index: int = 0
+    replica: str | None = None
+    """Which server of a replica set wrote it (``host:port``); None for a single server."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

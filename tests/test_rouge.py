@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rapidfuzz import process
+from rapidfuzz.distance import LCSseq
 from rouge_score import rouge_scorer
 
+from ensemble_async import rouge as rouge_module
 from ensemble_async.consensus import normalize
 from ensemble_async.rouge import (
     NoveltyFilter,
@@ -406,3 +409,181 @@ def test_token_ids_in_the_surrogate_range_still_match_exactly() -> None:
         expected = [reference(query, p) for p in pool]
         assert novelty.similarities(query) == expected
         assert novelty.max_similarity(query) == max(expected)
+
+
+# -- the prefix filter: exact decisions at any pool size ----------------------------------
+
+
+def _brute_novel(text: str, pool: list[str], threshold: float, stem: bool = False) -> bool:
+    return all(reference(text, p, stem=stem) <= threshold for p in pool)
+
+
+near_vocab = [f"w{i}" for i in range(30)] + ["the", "a", "of", "write", "list"]
+near_text = st.lists(st.sampled_from(near_vocab), min_size=0, max_size=16).map(" ".join)
+
+
+@st.composite
+def offers_with_near_duplicates(draw: st.DrawFn) -> list[str]:
+    """Fresh texts, near duplicates of earlier ones, and exact repeats."""
+    out: list[str] = []
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(["fresh", "near", "same"])) if out else "fresh"
+        if kind == "fresh":
+            out.append(draw(near_text))
+            continue
+        words = draw(st.sampled_from(out)).split()
+        if kind == "near" and words:
+            pos = draw(st.integers(0, len(words) - 1))
+            op = draw(st.sampled_from(["drop", "insert", "replace"]))
+            if op == "drop":
+                del words[pos]
+            elif op == "insert":
+                words.insert(pos, draw(st.sampled_from(near_vocab)))
+            else:
+                words[pos] = draw(st.sampled_from(near_vocab))
+        out.append(" ".join(words))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pool=st.lists(near_text, max_size=12),
+    offers=offers_with_near_duplicates(),
+    threshold=st.sampled_from([0.0, 0.25, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.8, 0.9, 1.0]),
+    rerank_at=st.sampled_from([(), (3,), (2, 7, 15), (1, 2, 3, 4, 5, 8, 13)]),
+)
+def test_prefix_filter_decisions_equal_brute_force(
+    pool: list[str],
+    offers: list[str],
+    threshold: float,
+    rerank_at: tuple[int, ...],
+) -> None:
+    # Re-ranking the global order is patched to happen at small pool sizes, so the index
+    # is rebuilt under a new order in the middle of the sequence.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rouge_module, "_RERANK_AT", rerank_at)
+        novelty = NoveltyFilter(pool, threshold=threshold)
+        brute = list(pool)
+        for text in offers:
+            expected = _brute_novel(text, brute, threshold)
+            assert novelty.is_novel(text) == expected
+            assert novelty.offer(text) == expected
+            if expected:
+                brute.append(text)
+        assert novelty.texts == tuple(brute)
+
+
+def test_texts_exactly_at_the_threshold_pass_at_every_length() -> None:
+    # For every pair of lengths where rouge_score's arithmetic lands exactly on 0.7 (and
+    # every pair where it lands just above it), the prefix filter decides as rouge_score.
+    cases = 0
+    for la in range(1, 41):
+        for lb in range(1, 41):
+            for lcs in range(1, min(la, lb) + 1):
+                score = fmeasure(lcs, la, lb)
+                if abs(score - 0.7) > 1e-12:
+                    continue
+                a, b = _pair(lcs, la, lb)
+                assert reference(a, b) == score
+                # Shared words first or last (same LCS): they land anywhere in the order.
+                words = b.split()
+                for pool_text in (b, " ".join(words[lcs:] + words[:lcs])):
+                    novelty = NoveltyFilter([pool_text, "unrelated words only"], threshold=0.7)
+                    assert novelty.is_novel(a) == (score <= 0.7), (lcs, la, lb)
+                cases += 1
+    assert cases > 10  # both exact 0.7 and rounded-above cases were met
+
+
+def test_threshold_changes_rebuild_the_prefix_index() -> None:
+    a, b = _pair(6, 10, 10)  # ROUGE-L 0.6
+    novelty = NoveltyFilter([b], threshold=0.7)
+    assert novelty.is_novel(a)
+    novelty.threshold = 0.5
+    assert not novelty.is_novel(a)
+    novelty.threshold = -0.5  # every score, even 0.0, is above it
+    assert not novelty.is_novel("nothing in common")
+    assert novelty.is_novel("")  # no tokens: scores 0, and 0 > -0.5, but nothing to score
+    novelty.threshold = 0.6
+    assert novelty.offer(a)
+    assert len(novelty) == 2
+
+
+def test_saturated_sketch_buckets_keep_the_bound_safe() -> None:
+    # 300 repeats of one word overflow its sketch bucket; the filter must still see them.
+    long_text = " ".join(["echo"] * 300)
+    novelty = NoveltyFilter([long_text], threshold=0.7)
+    assert not novelty.is_novel(" ".join(["echo"] * 290))
+    assert novelty.is_novel(" ".join(["echo"] * 100))
+    assert novelty.is_novel(" ".join(["echo"] * 100)) == _brute_novel(
+        " ".join(["echo"] * 100), [long_text], 0.7
+    )
+
+
+def _zipf_instructions(n: int, seed: int) -> list[str]:
+    """Instruction-like texts with a Zipf vocabulary and 15% near duplicates."""
+    rng = random.Random(seed)
+    vocab = [f"v{i}" for i in range(3000)]
+    weights = [1.0 / (r + 1) for r in range(len(vocab))]
+    openings = ["write a poem about", "explain why", "list three", "classify the", "give me"]
+    out: list[str] = []
+    for _ in range(n):
+        if out and rng.random() < 0.15:
+            words = rng.choice(out[-300:]).split()
+            pos = rng.randrange(len(words))
+            if rng.random() < 0.5 and len(words) > 3:
+                del words[pos]
+            else:
+                words.insert(pos, rng.choices(vocab, weights)[0])
+            out.append(" ".join(words))
+        else:
+            k = rng.randint(3, 14)
+            out.append(f"{rng.choice(openings)} {' '.join(rng.choices(vocab, weights, k=k))}")
+    return out
+
+
+def test_decisions_at_scale_equal_brute_force() -> None:
+    # 3,000 offers, with the global order re-ranked twice on the way (at 100 and 1,024 pool
+    # entries): every decision equals a brute force over the whole pool (rouge_score's
+    # tokenizer, every pair's LCS, rouge_score's formula), and rouge_score itself confirms
+    # the score of each offer's best pair.
+    texts = _zipf_instructions(3000, seed=5)
+    ids: dict[str, int] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rouge_module, "_RERANK_AT", (100, 1024))
+        novelty = NoveltyFilter(threshold=0.7)
+        pool: list[str] = []
+        pool_seqs: list[list[int]] = []
+        rejected = 0
+        for text in texts:
+            seq = [ids.setdefault(t, len(ids)) for t in tokens_of(text)]
+            best = 0.0
+            if pool_seqs:
+                lcs = process.cdist([seq], pool_seqs, scorer=LCSseq.similarity)[0]
+                scores = [
+                    fmeasure(int(x), len(seq), len(p)) for x, p in zip(lcs, pool_seqs, strict=True)
+                ]
+                arg = max(range(len(scores)), key=scores.__getitem__)
+                best = scores[arg]
+                assert best == reference(text, pool[arg])
+            expected = best <= 0.7
+            assert novelty.offer(text) == expected, text
+            if expected:
+                pool.append(text)
+                pool_seqs.append(seq)
+            else:
+                rejected += 1
+    assert novelty.texts == tuple(pool)
+    assert len(pool) > 1024
+    assert rejected > 100  # near duplicates were really rejected
+
+
+def test_turning_pruning_on_later_stays_exact() -> None:
+    texts = _zipf_instructions(300, seed=9)
+    novelty = NoveltyFilter(texts[:200], prune=False)
+    novelty.prune = True
+    brute = list(novelty.texts)
+    for text in texts[200:]:
+        expected = _brute_novel(text, brute, 0.7)
+        assert novelty.offer(text) == expected
+        if expected:
+            brute.append(text)

@@ -1,0 +1,302 @@
+"""Benchmark: one coordinator driving a fleet of replicas (3 members x 32 replicas).
+
+Starts ``--members * --replicas`` TGI test doubles (96 by default) with ``--latency``
+service time (20 ms), spread over ``--procs`` server processes (this script with
+``--serve``), so the client process measured here runs nothing but the client. Then:
+
+1. **raw aiohttp** (the baseline): one pooled session, ``--in-flight * --members``
+   concurrent workers posting the same ``/generate`` body to the endpoints in turn;
+2. **Ensemble.map**: ``--items`` items through an :class:`~ensemble_async.Ensemble` of
+   ``--members`` members, each one ``create_backend("tgi", urls=[...32 URLs])`` (a
+   :class:`~ensemble_async.replicas.ReplicaSet`), ``--in-flight`` items at a time (so the
+   same number of requests in flight as the baseline);
+3. **faults**: the same run again, where at a third of the items 4 replicas die (their
+   servers stop) and 2 others become 5x slower: every item must still come back with
+   every member's candidate (0 items lost), and the slow replicas should get
+   proportionally fewer requests from then on.
+
+Printed for each: requests/s (and the ratio to the baseline, target >= 0.8x), client CPU
+microseconds per request (``time.process_time`` of this process only; target <= 100 us
+for Ensemble.map), and how even the load is (max/min requests per replica).
+
+Run: ``python bench/fleet.py`` (``--items 5000`` for a quick run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from ensemble_async.ensemble import Ensemble
+from ensemble_async.member import Member
+from ensemble_async.registry import create_backend
+from ensemble_async.replicas import ReplicaSet, replica_label
+from ensemble_async.testing.tgi_double import TGIDouble
+
+BODY = {"inputs": "item", "parameters": {"max_new_tokens": 16, "do_sample": False}}
+
+
+# -- the server side: many doubles in one process, driven by commands on stdin -----------
+
+
+async def serve(count: int, latency: float) -> None:
+    """Start ``count`` doubles, print their URLs, then obey ``kill I`` / ``slow I F``."""
+    doubles = [TGIDouble(latency=latency, max_concurrent_requests=512) for _ in range(count)]
+    for double in doubles:
+        await double.start()
+    print(" ".join(d.url for d in doubles), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().split():
+        if line[0] == "kill":
+            await doubles[int(line[1])].stop()
+        elif line[0] == "slow":
+            doubles[int(line[1])].latency *= float(line[2])
+        elif line[0] == "stats":
+            print(json.dumps([d.stats.requests for d in doubles]), flush=True)
+    for double in doubles:
+        await double.stop()
+
+
+@dataclass
+class Fleet:
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    where: list[tuple[int, int]] = field(default_factory=list)  # url -> (proc, index)
+
+    @classmethod
+    def start(cls, total: int, procs: int, latency: float) -> Fleet:
+        fleet = cls()
+        per = -(-total // procs)
+        for p in range(procs):
+            count = min(per, total - p * per)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(count), "--latency", str(latency)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            fleet.procs.append(proc)
+        for p, proc in enumerate(fleet.procs):
+            assert proc.stdout is not None
+            urls = proc.stdout.readline().split()
+            fleet.urls += urls
+            fleet.where += [(p, i) for i in range(len(urls))]
+        return fleet
+
+    def command(self, url: str, *words: object) -> None:
+        p, i = self.where[self.urls.index(url)]
+        stdin = self.procs[p].stdin
+        assert stdin is not None
+        stdin.write(" ".join(map(str, (words[0], i, *words[1:]))) + "\n")
+        stdin.flush()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                proc.kill()
+                proc.wait()
+
+
+# -- the client side ------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    name: str
+    requests: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s / self.requests * 1e6
+
+
+async def raw_aiohttp(urls: Sequence[str], requests: int, concurrency: int) -> Outcome:
+    """The baseline: the least a client can do to send these requests."""
+    body = json.dumps(BODY).encode()
+    headers = {"Content-Type": "application/json"}
+    counter = iter(range(requests))
+    targets = [f"{u}/generate" for u in urls]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for i in counter:
+                async with session.post(targets[i % len(targets)], data=body, headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return Outcome("raw aiohttp", requests, wall, cpu)
+
+
+async def prompts(n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"item {i}"
+
+
+@dataclass
+class MapRun:
+    outcome: Outcome
+    per_replica: dict[str, int]
+    lost: int
+    failed_candidates: int
+    after_fault: dict[str, int]
+
+
+async def ensemble_map(
+    fleet: Fleet, args: argparse.Namespace, *, faults: bool, name: str
+) -> MapRun:
+    groups = [fleet.urls[m * args.replicas : (m + 1) * args.replicas] for m in range(args.members)]
+    backends = [
+        create_backend("tgi", urls=urls, name=f"m{m}", timeout=30) for m, urls in enumerate(groups)
+    ]
+    sets = [b for b in backends if isinstance(b, ReplicaSet)]
+    members = [Member(b, concurrency=args.in_flight) for b in backends]
+    killed, slowed = fault_plan(groups)
+    fault_at = args.items // 3 if faults else -1
+    before: dict[str, int] = {}
+    done = lost = failed = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    async with Ensemble(members, max_items_in_flight=args.in_flight) as ens:
+        async for result in ens.map(prompts(args.items)):
+            done += 1
+            bad = [c for c in result.candidates if c.status in ("failed", "circuit_open")]
+            failed += len(bad)
+            lost += not result.candidates or len(bad) == len(result.candidates)
+            if done == fault_at:
+                for url in killed:
+                    fleet.command(url, "kill")
+                for url in slowed:
+                    fleet.command(url, "slow", 5)
+                before = _per_replica(sets)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    per_replica = _per_replica(sets)
+    after = {k: per_replica[k] - before.get(k, 0) for k in per_replica} if faults else {}
+    for url in killed if faults else ():
+        after.pop(replica_label(url), None)
+    requests = sum(per_replica.values())
+    return MapRun(Outcome(name, requests, wall, cpu), per_replica, lost, failed, after)
+
+
+def fault_plan(groups: Sequence[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """The 4 replicas that die and the 2 that slow down (distinct, spread over members)."""
+
+    def pick(m: int, r: int) -> str:
+        group = groups[m % len(groups)]
+        return group[r % len(group)]
+
+    killed = [pick(0, 1), pick(1, 2), pick(2, 3), pick(0, 5)]
+    slowed = [pick(1, 7), pick(2, 9)]
+    assert len(set(killed + slowed)) == 6, "too few replicas for the fault plan"
+    return killed, slowed
+
+
+def _per_replica(sets: Sequence[ReplicaSet]) -> dict[str, int]:
+    return {r.label: r.requests for s in sets for r in s.replicas}
+
+
+def spread(counts: dict[str, int]) -> str:
+    values = [v for v in counts.values() if v > 0] or [0]
+    return f"max/min {max(values) / max(1, min(values)):.2f} ({min(values)}..{max(values)})"
+
+
+def row(outcome: Outcome, base: Outcome | None) -> str:
+    ratio = f"{outcome.rate / base.rate:>6.2f}x" if base else f"{'1.00x':>7}"
+    return (
+        f"{outcome.name:<28} {outcome.requests:>9,} {outcome.rate:>9,.0f} {ratio} "
+        f"{outcome.cpu_us:>10.1f}"
+    )
+
+
+async def client(args: argparse.Namespace) -> int:
+    total = args.members * args.replicas
+    fleet = Fleet.start(total, args.procs, args.latency)
+    try:
+        print(
+            f"{args.members} members x {args.replicas} replicas = {total} TGI doubles in "
+            f"{args.procs} server processes, {args.latency * 1000:.0f} ms service time; "
+            f"{args.items:,} items, {args.in_flight} items in flight"
+        )
+        requests = args.items * args.members
+        base = await raw_aiohttp(fleet.urls, requests, args.in_flight * args.members)
+        print(f"{'client':<28} {'requests':>9} {'req/s':>9} {'vs raw':>7} {'cpu us/req':>10}")
+        print(row(base, None))
+        clean = await ensemble_map(fleet, args, faults=False, name="Ensemble.map")
+        print(row(clean.outcome, base))
+        faulty = await ensemble_map(fleet, args, faults=True, name="Ensemble.map + faults")
+        print(row(faulty.outcome, base))
+        print(f"\nload per replica, clean run: {spread(clean.per_replica)}")
+        print(
+            f"faults run: {faulty.lost} items lost, {faulty.failed_candidates} failed "
+            f"candidates (of {args.items * args.members})"
+        )
+        groups = [
+            fleet.urls[m * args.replicas : (m + 1) * args.replicas] for m in range(args.members)
+        ]
+        slow = [replica_label(u) for u in fault_plan(groups)[1]]
+        healthy = [v for k, v in faulty.after_fault.items() if k not in slow]
+        median = statistics.median(healthy) if healthy else 0
+        slow_counts = [faulty.after_fault.get(k, 0) for k in slow]
+        share = statistics.mean(slow_counts) / max(1.0, median)
+        print(
+            f"after the faults: healthy replicas got a median of {median:.0f} requests, "
+            f"the two 5x-slower ones {slow_counts[0]} and {slow_counts[1]} ({share:.2f}x)"
+        )
+        ok = (
+            clean.outcome.rate >= 0.8 * base.rate
+            and clean.outcome.cpu_us <= 100
+            and faulty.lost == 0
+        )
+        print(
+            f"targets: >= 0.8x raw aiohttp: {clean.outcome.rate / base.rate:.2f}x; "
+            f"<= 100 us/request: {clean.outcome.cpu_us:.0f} us; 0 items lost: {faulty.lost}"
+        )
+        return 0 if ok else 1
+    finally:
+        fleet.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--items", type=int, default=100_000, help="items (100000)")
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=32, help="replicas per member (32)")
+    parser.add_argument("--procs", type=int, default=4, help="server processes (4)")
+    parser.add_argument("--latency", type=float, default=0.02, help="service time (0.02 s)")
+    parser.add_argument("--in-flight", type=int, default=128, help="items in flight (128)")
+    parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.serve, args.latency))
+        return 0
+    return asyncio.run(client(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

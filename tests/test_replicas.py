@@ -1,0 +1,300 @@
+"""ensemble_async.replicas: one model on several servers as one Backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import pytest
+
+from ensemble_async.errors import ConnectError, ServerError
+from ensemble_async.member import Member
+from ensemble_async.registry import create_backend
+from ensemble_async.replicas import ReplicaSet, replica_label
+from ensemble_async.retry import RetryPolicy
+from ensemble_async.testing.faults import Fault
+from ensemble_async.testing.openai_double import OpenAIDouble
+from ensemble_async.testing.tgi_double import TGIDouble
+from ensemble_async.types import Completion, GenerationRequest, TextDelta
+
+REQUEST = GenerationRequest(prompt="hello", max_new_tokens=4)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def doubles(*latencies: float, limit: int = 128) -> AsyncIterator[list[TGIDouble]]:
+    async with contextlib.AsyncExitStack() as stack:
+        found = []
+        for latency in latencies:
+            double = TGIDouble(latency=latency, max_concurrent_requests=limit)
+            found.append(await stack.enter_async_context(double))
+        yield found
+
+
+def replica_set(ds: list[TGIDouble], **options: object) -> ReplicaSet:
+    backend = create_backend("tgi", urls=[d.url for d in ds], name="m", **options)
+    assert isinstance(backend, ReplicaSet)
+    backend._rng = random.Random(7)
+    return backend
+
+
+def fast_retries() -> RetryPolicy:
+    async def no_sleep(_: float) -> None:
+        return None
+
+    return RetryPolicy(max_attempts=4, initial_backoff_s=0.0, jitter=0.0, sleep=no_sleep)
+
+
+async def test_create_backend_with_urls_is_one_backend_naming_its_replicas() -> None:
+    async with doubles(0.0, 0.0) as ds:
+        async with replica_set(ds) as backend:
+            assert backend.name == "m"
+            assert [r.label for r in backend.replicas] == [replica_label(d.url) for d in ds]
+            info = await backend.info()
+            assert info.name == "m" and info.max_concurrency == 256
+            [c] = await backend.generate(REQUEST)
+            assert c.backend == "m"
+            assert c.replica in {replica_label(d.url) for d in ds}
+            events = [e async for e in backend.stream(REQUEST)]
+            assert all(isinstance(e, TextDelta) for e in events[:-1])
+            last = events[-1]
+            assert isinstance(last, Completion) and last.backend == "m" and last.replica
+            health = await backend.health()
+            assert health.ok and health.detail == "2/2 replicas healthy"
+            # One pooled session for all replicas, owned and closed by the set.
+            sessions = {r.backend._http.session for r in backend.replicas}  # type: ignore[attr-defined]
+            assert len(sessions) == 1
+        assert all(s.closed for s in sessions)
+
+
+def test_bad_replica_lists_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        create_backend("tgi", urls=[])
+    with pytest.raises(ValueError, match="not both"):
+        create_backend("tgi", urls=["http://127.0.0.1:1"], url="http://127.0.0.1:2")
+    with pytest.raises(ValueError, match="repeat"):
+        create_backend("tgi", urls=["http://127.0.0.1:1", "http://127.0.0.1:1"])
+
+
+async def test_load_is_even_across_equal_replicas() -> None:
+    async with doubles(0.002, 0.002, 0.002, 0.002) as ds, replica_set(ds) as backend:
+        sem = asyncio.Semaphore(16)
+
+        async def one() -> str | None:
+            async with sem:
+                [c] = await backend.generate(REQUEST)
+                return c.replica
+
+        replicas = await asyncio.gather(*(one() for _ in range(400)))
+    counts = [d.stats.requests for d in ds]
+    assert sum(counts) == 400
+    assert sorted({r for r in replicas if r}) == sorted(replica_label(d.url) for d in ds)
+    assert max(counts) <= 1.5 * min(counts), counts
+
+
+async def test_a_slow_replica_gets_fewer_requests() -> None:
+    async with doubles(0.005, 0.005, 0.05) as ds, replica_set(ds) as backend:
+        sem = asyncio.Semaphore(12)
+
+        async def one() -> None:
+            async with sem:
+                await backend.generate(REQUEST)
+
+        await asyncio.gather(*(one() for _ in range(300)))
+    fast = (ds[0].stats.requests + ds[1].stats.requests) / 2
+    slow = ds[2].stats.requests
+    assert slow < 0.5 * fast, [d.stats.requests for d in ds]
+
+
+async def test_each_replica_is_bounded_by_its_own_limit() -> None:
+    async with doubles(0.02, 0.02, limit=2) as ds, replica_set(ds) as backend:
+        info = await backend.info()
+        assert [r.limit for r in backend.replicas] == [2, 2] and info.max_concurrency == 4
+        results = await asyncio.gather(*(backend.generate(REQUEST) for _ in range(12)))
+    assert len(results) == 12
+    assert [d.stats.max_active for d in ds] == [2, 2]
+    assert all(r.outstanding == 0 for r in backend.replicas)
+
+
+async def test_a_failed_replica_is_ejected_and_the_retry_lands_on_another() -> None:
+    clock = FakeClock()
+    async with doubles(0.0, 0.0, 0.0) as ds:
+        backend = replica_set(ds)
+        backend._clock = clock
+        dead = ds[1]
+        await dead.stop()  # connections refused from now on
+        member = Member(backend, retry=fast_retries(), concurrency=4)
+        async with member:
+            results = await asyncio.gather(*(member.generate(REQUEST) for _ in range(40)))
+            snap = {s["replica"]: s for s in backend.snapshot()}
+    assert len(results) == 40
+    assert {c.replica for [c] in results} <= {replica_label(ds[0].url), replica_label(ds[2].url)}
+    gone = snap[replica_label(dead.url)]
+    assert not gone["in_service"]
+    # The clock did not move: no probe, so the dead one failed as few times as the
+    # requests that were already on their way to it when it first failed.
+    assert 1 <= gone["failures"] <= 4
+    assert member.stats.snapshot()["failed"] == 0
+
+
+async def test_an_ejected_replica_is_probed_back_in_after_its_backoff() -> None:
+    clock = FakeClock()
+    async with doubles(0.0, 0.0) as ds, replica_set(ds, eject_s=2.0) as backend:
+        backend._clock = clock
+        sick, well = ds
+        sick.faults.push(Fault.status(500), Fault.status(500))
+        # The first request goes to the sick one (it looks far faster).
+        backend.replicas[0].latency_s, backend.replicas[1].latency_s = 1e-9, 1.0
+        with pytest.raises(ServerError):
+            await backend.generate(REQUEST)
+        assert not backend.replicas[0].in_service
+        for _ in range(5):  # within the backoff: all to the well one
+            [c] = await backend.generate(REQUEST)
+            assert c.replica == replica_label(well.url)
+        assert sick.stats.requests == 1
+        clock.now += 2.0
+        # The backoff is over: one request probes the sick replica; it fails again,
+        # so it is out for twice as long.
+        with pytest.raises(ServerError):
+            await backend.generate(REQUEST)
+        assert sick.stats.requests == 2
+        assert backend.replicas[0].backoff_s == 4.0
+        clock.now += 3.0
+        await backend.generate(REQUEST)
+        assert sick.stats.requests == 2  # still out
+        clock.now += 1.0
+        [c] = await backend.generate(REQUEST)  # the probe succeeds
+        assert c.replica == replica_label(sick.url)
+        assert backend.replicas[0].in_service and backend.replicas[0].backoff_s == 0.0
+
+
+async def test_health_brings_a_healthy_ejected_replica_back() -> None:
+    async with doubles(0.0, 0.0) as ds, replica_set(ds) as backend:
+        ds[0].faults.push(Fault.status(500))
+        backend.replicas[0].latency_s, backend.replicas[1].latency_s = 1e-9, 1.0
+        with pytest.raises(ServerError):
+            await backend.generate(REQUEST)
+        assert not backend.replicas[0].in_service
+        health = await backend.health()
+        assert health.ok and backend.replicas[0].in_service
+
+
+async def test_all_replicas_down_raise_the_usual_error() -> None:
+    clock = FakeClock()
+    async with doubles(0.0, 0.0) as ds:
+        urls = [d.url for d in ds]
+        for d in ds:
+            await d.stop()
+    backend = create_backend("tgi", urls=urls, name="m")
+    assert isinstance(backend, ReplicaSet)
+    backend._clock = clock
+    async with backend:
+        for _ in range(2):
+            with pytest.raises(ConnectError):
+                await backend.generate(REQUEST)
+        assert not any(r.in_service for r in backend.replicas)
+        sent = sum(r.requests for r in backend.replicas)
+        with pytest.raises(ConnectError, match="all 2 replicas are out of service"):
+            await backend.generate(REQUEST)
+        assert sum(r.requests for r in backend.replicas) == sent  # failed without sending
+        health = await backend.health()
+        assert not health.ok
+        member = Member(backend, retry=fast_retries())
+        with pytest.raises(ConnectError):
+            await member.generate(REQUEST)
+
+
+async def test_prefix_affinity_keeps_shared_prompts_on_one_replica() -> None:
+    demos = "Example 1: ...\n" * 20
+    async with doubles(0.0, 0.0, 0.0, 0.0) as ds, replica_set(ds, affinity_chars=200) as b:
+        for i in range(30):
+            await b.generate(GenerationRequest(prompt=demos + f"task {i}", max_new_tokens=4))
+        counts = sorted(d.stats.requests for d in ds)
+        assert counts == [0, 0, 0, 30]
+        # Loaded beyond the slack, the home replica gives way to the others.
+        many = [GenerationRequest(prompt=demos + f"job {i}", max_new_tokens=4) for i in range(40)]
+        await asyncio.gather(*(b.generate(r) for r in many))
+        assert sum(d.stats.requests > 0 for d in ds) > 1
+
+
+async def test_without_affinity_shared_prompts_spread() -> None:
+    demos = "Example 1: ...\n" * 20
+    async with doubles(0.0, 0.0, 0.0, 0.0) as ds, replica_set(ds) as b:
+        for i in range(40):
+            await b.generate(GenerationRequest(prompt=demos + f"task {i}", max_new_tokens=4))
+        assert all(d.stats.requests > 0 for d in ds)
+
+
+async def test_streams_eject_a_dead_replica_and_release_slots_when_closed_early() -> None:
+    clock = FakeClock()
+    async with doubles(0.0, 0.0) as ds:
+        backend = replica_set(ds)
+        backend._clock = clock
+        await ds[0].stop()
+        backend.replicas[0].latency_s, backend.replicas[1].latency_s = 1e-9, 1.0
+        async with backend:
+            with pytest.raises(ConnectError):
+                async for _ in backend.stream(REQUEST):
+                    pass
+            assert not backend.replicas[0].in_service
+            stream = backend.stream(REQUEST)
+            assert isinstance(stream, AsyncGenerator)
+            first = await anext(stream)
+            assert isinstance(first, TextDelta)
+            assert backend.replicas[1].outstanding == 1
+            await stream.aclose()  # the consumer stops early
+            assert [r.outstanding for r in backend.replicas] == [0, 0]
+            assert backend.replicas[1].in_service
+
+
+async def test_requests_waiting_for_a_slot_all_fail_when_every_replica_is_ejected() -> None:
+    async with doubles(0.0, 0.0) as ds:
+        urls = [d.url for d in ds]
+        for d in ds:
+            await d.stop()
+    async with create_backend("tgi", urls=urls, name="m") as backend:
+        assert isinstance(backend, ReplicaSet)
+        for r in backend.replicas:
+            r.limit = 1  # two requests in flight, the other six wait for a slot
+        async with asyncio.timeout(30):  # a lost wake-up would hang here
+            results = await asyncio.gather(
+                *(backend.generate(REQUEST) for _ in range(8)), return_exceptions=True
+            )
+    assert all(isinstance(r, ConnectError) for r in results)
+    assert sum(r.requests for r in backend.replicas) == 2  # the others never sent
+
+
+async def test_a_cancelled_slow_call_raises_the_replicas_latency_estimate() -> None:
+    clock = FakeClock()
+    async with doubles(30.0, 0.0) as ds, replica_set(ds) as backend:
+        backend._clock = clock
+        hung = backend.replicas[0]
+        hung.latency_s, backend.replicas[1].latency_s = 0.01, 1.0
+        task = asyncio.create_task(backend.generate(REQUEST))
+        await ds[0].wait_active()
+        clock.now += 5.0  # the member's attempt timeout would fire about now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hung.in_service and hung.outstanding == 0
+        assert hung.latency_s > 0.9  # 0.01 + 0.2 * (5 - 0.01)
+
+
+async def test_openai_compatible_replicas_work_the_same_way() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        ds = [await stack.enter_async_context(OpenAIDouble()) for _ in range(3)]
+        backend = create_backend("openai", urls=[d.url for d in ds], name="v")
+        async with backend:
+            assert isinstance(backend, ReplicaSet)
+            got = await asyncio.gather(*(backend.generate(REQUEST) for _ in range(30)))
+        assert {c.backend for [c] in got} == {"v"}
+        assert {c.replica for [c] in got} == {replica_label(d.url) for d in ds}
