@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from .backend import Backend, BaseBackend
+from .backend import Backend, BaseBackend, health_of, info_of, stream_of
 from .errors import (
     BackendError,
     ConnectError,
@@ -404,7 +404,7 @@ class ReplicaSet(BaseBackend):
         started = self._clock()
         error: BaseException | None = None
         try:
-            async for event in replica.backend.stream(request):
+            async for event in stream_of(replica.backend, request):
                 yield self._mark(event, replica) if isinstance(event, Completion) else event
         except BaseException as exc:
             error = exc
@@ -419,7 +419,7 @@ class ReplicaSet(BaseBackend):
         """Healthy while at least one replica is; a healthy replica out of service is back."""
         started = self._clock()
         results = await asyncio.gather(
-            *(r.backend.health() for r in self.replicas), return_exceptions=True
+            *(health_of(r.backend) for r in self.replicas), return_exceptions=True
         )
         healthy = 0
         for r, result in zip(self.replicas, results, strict=True):
@@ -437,7 +437,7 @@ class ReplicaSet(BaseBackend):
         """The replicas' facts; each replica's ``max_concurrency`` becomes its limit, and
         the set's is their sum (the member's admission bound)."""
         results = await asyncio.gather(
-            *(r.backend.info() for r in self.replicas), return_exceptions=True
+            *(info_of(r.backend) for r in self.replicas), return_exceptions=True
         )
         infos: list[BackendInfo] = []
         for r, result in zip(self.replicas, results, strict=True):
