@@ -122,6 +122,11 @@ __all__ = [
 
 STAGES = ("instructions", "instances", "answers", "consensus")
 
+EXACT_NOVELTY_SCORE_POOL = 50_000
+"""Up to this pool size an accepted instruction's highest ROUGE-L against the pool is
+recorded (``novelty_max_rouge``); past it the record says None, because the exact
+maximum of a novel text needs every entry while the accept/reject decision does not."""
+
 WriterAnswers: TypeAlias = Literal["vote", "provenance"]
 """What the writer's own answer is when the writer is also an answerer: a vote like any
 other, or kept in provenance only (``Provenance.writer_answer``), never a vote."""
@@ -270,7 +275,7 @@ class _Instruction:
     index: int
     attempt: int
     stored: str  # as the novelty filter saw it (may keep |EoS| in paper mode)
-    novelty: float
+    novelty: float | None
 
 
 @dataclass(frozen=True)
@@ -680,8 +685,14 @@ class Pipeline:
             rid = _reject_id(settings.seed, "instructions", kind, attempt, result.text)
             await self._submit(Reject(id=rid, **base, reason=extracted.reason, text=result.text))
             return None
-        score = novelty.max_similarity(extracted)
-        if score > settings.novelty_threshold:
+        novel = novelty.is_novel(extracted)  # flat in the pool's size (prefix filtering)
+        score: float | None = None
+        if not novel or len(novelty) <= EXACT_NOVELTY_SCORE_POOL:
+            # Above the threshold the exact maximum is cheap; below it, it needs every
+            # entry, so it is recorded only while the pool is small.
+            score = novelty.max_similarity(extracted)
+        if not novel:
+            assert score is not None
             similar = novelty.top_similar(extracted, 1)
             rid = _reject_id(settings.seed, "instructions", kind, attempt, extracted)
             await self._submit(

@@ -165,7 +165,7 @@ class Provenance:
     writer: str
     instruction_attempt: int
     instruction_index: int
-    novelty_max_rouge: float
+    novelty_max_rouge: float | None
     candidates: tuple[CandidateRecord, ...]
     decision: Mapping[str, Any]
     preset: str
@@ -206,7 +206,7 @@ class Provenance:
             writer=data["writer"],
             instruction_attempt=data["instruction_attempt"],
             instruction_index=data["instruction_index"],
-            novelty_max_rouge=data["novelty_max_rouge"],
+            novelty_max_rouge=data.get("novelty_max_rouge"),
             candidates=tuple(CandidateRecord.from_json(c) for c in data["candidates"]),
             decision=dict(data["decision"]),
             preset=data["preset"],
