@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -183,3 +184,14 @@ def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple
         candidates = json.loads(row["candidates"])
         assert [c["source"] for c in candidates] == ["tgi", "vllm"]
         assert all(c["status"] == "ok" for c in candidates)
+
+
+def test_the_ray_data_example_runs_as_documented() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "ray_label.py"
+    proc = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].endswith("of 6 kept")
+    assert sum(1 for line in lines if line.split(":")[0].isdigit()) == 6
