@@ -467,6 +467,7 @@ class Run:
             sink=self.sink,
             events=events,
             writer_answers=writer_answers(self.config),
+            min_candidates=self.config.roles.min_candidates,
             served_by=served_by(self.config),
             fingerprint=self.fingerprint,
             selection=self.config.selection,
@@ -515,6 +516,7 @@ def run_manifest_for(
         selection={
             "consensus_complete": settings.consensus_complete,
             "writer_answers": writer_answers(config),
+            "min_candidates": config.roles.min_candidates,
             **config.selection.to_dict(),
         },
         library_version=__version__,

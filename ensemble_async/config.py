@@ -267,6 +267,9 @@ class RolesConfig:
     """``"provenance"``: the writer is listed among the answerers on purpose; its answer
     is recorded as provenance only and does not vote (its instance output already is a
     candidate).  ``None``: the writer may not be an answerer."""
+    min_candidates: int | None = None
+    """Candidates a decision needs (the writer's output counts); ``None``: every voice.
+    Items short of it because a member is unavailable are deferred, never decided."""
 
     @property
     def voting_answerers(self) -> tuple[str, ...]:
@@ -716,6 +719,7 @@ def _parse_roles(r: _Reader, backends: Mapping[str, BackendConfig]) -> RolesConf
     writer = r.string("writer", required=True)
     answerers = r.get("answerers", (list,), "an array of backend names", required=True)
     writer_answers = r.string("writer_answers")
+    min_candidates = r.integer("min_candidates", minimum=1)
     r.finish()
     assert writer is not None
     if writer not in backends:
@@ -749,10 +753,18 @@ def _parse_roles(r: _Reader, backends: Mapping[str, BackendConfig]) -> RolesConf
         raise r.fail("writer_answers", f"the writer {writer!r} is not in roles.answerers")
     if not seen - {writer}:
         raise r.fail("answerers", "needs at least one backend besides the writer")
+    voices = 1 + len(seen - {writer})
+    if min_candidates is not None and min_candidates > voices:
+        raise r.fail(
+            "min_candidates",
+            f"{min_candidates} is more than the {voices} voices (the writer's output and "
+            "each answerer's answer)",
+        )
     return RolesConfig(
         writer=writer,
         answerers=tuple(answerers),
         writer_answers="provenance" if writer_answers is not None else None,
+        min_candidates=min_candidates,
     )
 
 

@@ -104,6 +104,32 @@ REASONS: dict[str, Meaning] = {
             "not above the consensus threshold (tau, 0.01 by default): the models disagree.",
         ),
         _m("none", _C, "No candidate arrived at all (every answerer failed)."),
+        _m(
+            "too-few-candidates",
+            _C,
+            "Not decided: fewer candidates answered than the decision needs "
+            "(min_candidates, by default every voice) because a member was unavailable "
+            "(retries spent, breaker open). The pipeline defers such items to the next run "
+            "instead of rejecting them; the library reports it with deferred = true.",
+        ),
+        _m(
+            "no-scores",
+            _C,
+            "Target fit: no candidate could be scored under the target model (all failed "
+            "or empty), so none was kept.",
+        ),
+        _m(
+            "target-unavailable",
+            _C,
+            "Target fit: the target model could not be reached to score the candidates "
+            "(retries spent, breaker open); the item is deferred, never decided without it.",
+        ),
+        _m(
+            "scoring-failed",
+            _C,
+            "Target fit: the target model refused the scoring request for this item (for "
+            "example a prompt longer than its context).",
+        ),
     )
 }
 """Reject reasons, by name (families written with a ``<placeholder>``)."""
@@ -133,6 +159,19 @@ RULES: dict[str, Meaning] = {
             "quorum",
             _C,
             "Kept early (quorum policy): enough arrived candidates agreed with it.",
+        ),
+        _m(
+            "target-fit",
+            _C,
+            "Kept (selection policy target-fit): the candidate with the highest "
+            "length-normalised log-likelihood under the target model.",
+        ),
+        _m(
+            "consensus+target-fit",
+            _C,
+            "Kept (selection policy consensus+target-fit): consensus kept the item, and of "
+            "the candidates agreeing with its pick above the threshold the target model "
+            "found this one most likely.",
         ),
     )
 }

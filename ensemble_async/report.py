@@ -64,6 +64,9 @@ __all__ = [
     "write_report",
 ]
 
+FAILED_STATUSES = ("failed", "unavailable", "circuit_open")
+"""Candidate statuses counted as a member's failure (its own reason, or unavailable)."""
+
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad input (the documented exit codes of ``python -m ensemble_async``)
 EXIT_OUTPUT = 4
@@ -487,7 +490,7 @@ class ReportBuilder:
         prices = {**_summary_prices(summary), **_summary_prices(self.log_summary), **(prices or {})}
         rows = []
         for m in ordered:
-            failures = sum(n for s, n in m.statuses.items() if s in ("failed", "circuit_open"))
+            failures = sum(n for s, n in m.statuses.items() if s in FAILED_STATUSES)
             row: dict[str, Any] = {
                 "member": m.label,
                 "index": m.index,
