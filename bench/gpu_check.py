@@ -133,7 +133,7 @@ def random_model_options(root: str) -> dict[str, dict[str, Any]]:
             fail(f"{source}/config.json is missing (--random-weights)", 2)
         target = Path(tempfile.mkdtemp(prefix=f"{key}-"))
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))  # type: ignore[no-untyped-call]
         model.save_pretrained(target)
         for f in source.iterdir():
             if f.name == "config.json":

@@ -101,7 +101,7 @@ def with_cluster(nodes: int, body: Callable[[], float]) -> float:
         return body()
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from rogue import Rogue
 
-from ensemble_async.backend import Backend
+from ensemble_async.backend import Backend, health_of, info_of, stream_of
 from ensemble_async.backends.openai import Mode, OpenAIBackend
 from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.errors import BackendError
@@ -203,17 +203,17 @@ async def exercise(backend: Backend, key: str) -> None:
         if request.n != 1:
             continue
         try:
-            async for event in backend.stream(request):
+            async for event in stream_of(backend, request):
                 assert isinstance(event, TextDelta | Completion)
                 clean(event.text, key)
         except BackendError as exc:
             clean("".join(traceback.format_exception(exc)), key)
     try:
-        info = await backend.info()
+        info = await info_of(backend)
         clean(repr(info), key)
     except BackendError as exc:
         clean("".join(traceback.format_exception(exc)), key)
-    clean(repr(await backend.health()), key)
+    clean(repr(await health_of(backend)), key)
 
 
 def run_case(

@@ -17,7 +17,7 @@ import pytest
 from rogue import Rogue, endless, openai_answer, openai_chunk, reply, sse, tgi_final, tgi_token
 
 from ensemble_async import errors
-from ensemble_async.backend import Backend
+from ensemble_async.backend import Backend, stream_of
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.member import Member
@@ -52,7 +52,7 @@ ADAPTERS: list[Callable[..., Backend]] = [tgi, openai, openai_sdk]
 
 
 async def drain(backend: Backend, request: GenerationRequest = REQUEST) -> list[Any]:
-    return [event async for event in backend.stream(request)]
+    return [event async for event in stream_of(backend, request)]
 
 
 def test_too_large_is_classified_and_not_retried() -> None:
@@ -140,7 +140,7 @@ async def test_a_streamed_completion_over_the_limit_stops_while_reading(
     async with adapter(rogue.url, max_completion_chars=1000) as backend:
         got: list[Any] = []
         with pytest.raises(errors.ResponseTooLargeError):
-            async for event in backend.stream(REQUEST):
+            async for event in stream_of(backend, REQUEST):
                 got.append(event)
     assert sum(len(e.text) for e in got) <= 1000  # deltas stopped at the limit
 

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from ensemble_async import errors
 from ensemble_async.assemble import build_members
+from ensemble_async.backend import info_of
 from ensemble_async.backends.openai import OpenAIBackend, TransportName
 from ensemble_async.config import load_config
 from ensemble_async.member import Member
@@ -125,7 +126,7 @@ async def test_refused_fields_are_learnt_once_and_left_out(
     async with member:
         [first] = await member.generate(VLLM_STYLE)
         [second] = await member.generate(VLLM_STYLE.replace(seed=3))
-        info = await member.backend.info()
+        info = await info_of(member.backend)
         assert member.snapshot()["retried"] == 0
     assert first.text == second.text == TEXT
     sent = [set(b) for b in strict.bodies]
