@@ -68,6 +68,7 @@ from .config import (
     Config,
     ConfigError,
     OutputError,
+    check_distinct_files,
     check_environment,
     check_output_writable,
     load_config,
@@ -261,9 +262,10 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
     if args.limit is not None:
         config = config.with_limit(args.limit)
     check_environment(config)  # before anything is created on disk
+    mode, log_path = _progress_mode(args, err)
+    check_distinct_files(config, log=log_path)
     check_output_writable(config)
     seeds = load_seeds(config)
-    mode, log_path = _progress_mode(args, err)
     try:
         return _run_async(generate(config, seeds, mode=mode, console=err, log=log_path))
     except MemberCannotServe as exc:

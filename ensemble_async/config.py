@@ -951,6 +951,49 @@ def check_output_writable(config: Config) -> None:
             raise OutputError(config.source, key, f"{path}: {problem}")
 
 
+def check_distinct_files(config: Config, *, log: Path | None = None) -> None:
+    """Refuse (``ConfigError`` naming both keys) a run whose files collide: no two of the
+    records, rejects, cache, log, manifest, deferred list, summary, seed tasks and the
+    config file itself may be one file (symbolic and hard links resolved).  Checked
+    before anything is created."""
+    from .manifest import manifest_path
+    from .sink import deferred_path, summary_path
+
+    output = config.run.output
+    files: list[tuple[str, Path]] = [
+        ("run.output", output),
+        ("run.rejects", config.run.rejects_path),
+        ("the manifest", manifest_path(output)),
+        ("the deferred list", deferred_path(output)),
+        ("the summary", summary_path(output)),
+    ]
+    if config.run.cache:
+        files.append(("run.cache_path", config.run.cache_file))
+    if log is not None:
+        files.append(("--log-jsonl", log))
+    if config.run.seeds is not None:
+        files.append(("run.seeds", Path(config.run.seeds)))
+    if not config.source.startswith("<"):
+        files.append(("the config file", Path(config.source)))
+    seen: list[tuple[str, Path]] = []
+    for key, path in files:
+        for other_key, other in seen:
+            if _same_file(path, other):
+                raise ConfigError(
+                    config.source, key, f"{path} is the same file as {other_key} ({other})"
+                )
+        seen.append((key, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.expanduser().resolve() == b.expanduser().resolve()
+    except OSError:
+        return False
+
+
 def _unwritable(path: Path) -> str | None:
     if path.exists():
         if path.is_dir():

@@ -87,9 +87,19 @@ def test_outputs_that_are_not_records_files_exit_7_untouched(
         "seed = 3", f'seed = 3\nrejects = "{cache}"\ncache_path = "{cache}"'
     )
     write_config(cfg, text)
+    assert _generate(cfg) == cli.EXIT_USAGE  # two outputs of one run in one file
+    assert "same file" in capsys.readouterr().err
+    # rejects pointed at some other sqlite database: not a records file, left intact
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    write_config(
+        cfg, config_text(*servers, out).replace("seed = 3", f'seed = 3\nrejects = "{other}"')
+    )
     assert _generate(cfg) == cli.EXIT_NOT_RECORDS
-    with sqlite3.connect(cache) as db:
+    with sqlite3.connect(other) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
 
 
 def test_locked_and_corrupt_outputs_have_their_own_exit_codes(
