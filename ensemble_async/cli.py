@@ -316,6 +316,7 @@ async def generate(
             targets={"instructions": sum(config.run.targets.to_dict().values())},
             console=console,
             log=stream,
+            prices={n: b.price for n, b in config.backends.items() if b.price is not None},
         )
         if mode == "jsonl":
             progress.log_start(
@@ -330,7 +331,8 @@ async def generate(
         except asyncio.CancelledError:
             progress.summary(status="interrupted")
             raise
-        progress.summary(summary)
+        shown = progress.summary(summary)
+        await asyncio.to_thread(_complete_summary_file, config, shown)
         if _all_failed(run.members):
             console.print("[red]every backend failed[/red]")
             return EXIT_BACKENDS_FAILED
@@ -342,6 +344,40 @@ async def generate(
             )
             return EXIT_DEFERRED
         return EXIT_OK
+
+
+def _complete_summary_file(config: Config, shown: dict[str, Any]) -> None:
+    """Add the members (kind, model; no URL), their token counts, prices and the cost to
+    the summary file the pipeline wrote beside the records, so ``report`` has them after
+    a plain run (without ``--log-jsonl``)."""
+    from .sink import summary_path
+
+    path = summary_path(config.run.output)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no summary written (an interrupted run): nothing to complete
+    rows = {str(r.get("name")): r for r in shown.get("backends", [])}
+    summary["backends"] = [
+        {
+            "name": name,
+            **{k: v for k, v in b.describe().items() if k in ("kind", "model")},
+            "prompt_tokens": rows.get(name, {}).get("prompt_tokens", 0),
+            "completion_tokens": rows.get(name, {}).get("completion_tokens", 0),
+            **({"cost_usd": rows[name]["cost_usd"]} if "cost_usd" in rows.get(name, {}) else {}),
+        }
+        for name, b in config.backends.items()
+        if name in config.used_backends()
+    ]
+    prices = {
+        n: {"prompt": b.price[0], "completion": b.price[1]}
+        for n, b in config.backends.items()
+        if b.price is not None
+    }
+    if prices:
+        summary["prices"] = prices
+        summary["cost_usd"] = shown.get("cost_usd")
+    write_text(path, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}

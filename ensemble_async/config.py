@@ -216,6 +216,9 @@ class BackendConfig:
     api_key_env: str | None = None
     instruction_tuned: bool = True
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    price: tuple[float, float] | None = None
+    """USD per million ``(input, output)`` tokens (``price = { input = .., output = .. }``),
+    for the cost line of the run's summary; None: no cost shown."""
 
     @property
     def is_server(self) -> bool:
@@ -633,7 +636,17 @@ def _parse_backend(r: _Reader, name: str) -> BackendConfig:
     api_key_env = r.string("api_key_env")
     instruction_tuned = r.boolean("instruction_tuned")
     options = r.table_("options") or {}
+    price_table = r.table_("price")
     r.finish()
+    price = None
+    if price_table is not None:
+        pr = _Reader(r.source, price_table, r.key("price"))
+        per_input = pr.number("input", minimum=0.0, maximum=1e6)
+        per_output = pr.number("output", minimum=0.0, maximum=1e6)
+        pr.finish()
+        if per_input is None or per_output is None:
+            raise r.fail("price", "needs input and output (USD per million tokens)")
+        price = (per_input, per_output)
 
     if url is not None:
         _check_url(r, "url", url)
@@ -687,6 +700,7 @@ def _parse_backend(r: _Reader, name: str) -> BackendConfig:
         api_key_env=api_key_env,
         instruction_tuned=True if instruction_tuned is None else instruction_tuned,
         options=MappingProxyType(dict(options)),
+        price=price,
     )
 
 

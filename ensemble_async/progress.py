@@ -119,6 +119,7 @@ class Progress:
         interval_s: float = 0.5,
         stats_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -136,6 +137,8 @@ class Progress:
         for stage, target in (targets or {}).items():
             self.stage(stage).target = target
         self.events = 0
+        self.prices = dict(prices or {})
+        """USD per million (input, output) tokens, by member name: the cost line."""
         self._task: asyncio.Task[None] | None = None
         self._live: Live | None = None
 
@@ -209,7 +212,18 @@ class Progress:
         return self.elapsed_s * (1 - fraction) / fraction
 
     def backend_rows(self) -> list[dict[str, Any]]:
-        return [m.snapshot() for m in self.members]
+        rows = [m.snapshot() for m in self.members]
+        for row in rows:
+            price = self.prices.get(str(row.get("name")))
+            if price is not None:
+                row["price_per_million"] = {"input": price[0], "output": price[1]}
+                row["cost_usd"] = cost_usd(row, price)
+        return rows
+
+    def cost(self) -> float | None:
+        """The run's cost so far over the priced members (None when none is priced)."""
+        costs = [r["cost_usd"] for r in self.backend_rows() if "cost_usd" in r]
+        return round(sum(costs), 6) if costs else None
 
     def stats_record(self) -> dict[str, Any]:
         return {
@@ -366,6 +380,9 @@ class Progress:
         }
         if summary is not None:
             record["pipeline"] = _jsonable(summary)
+        cost = self.cost()
+        if cost is not None:
+            record["cost_usd"] = cost
         if self.mode == "jsonl":
             self._write(record)
             if self._log is not None:  # the log went to a file: a short note on the console
@@ -381,6 +398,11 @@ class Progress:
         ]
         if self.members:
             parts.append(self.backend_table(title=None))
+        if record.get("cost_usd") is not None:
+            priced = ", ".join(
+                f"{r['name']} ${r['cost_usd']:.4f}" for r in record["backends"] if "cost_usd" in r
+            )
+            parts.append(Text(f"cost ${record['cost_usd']:.4f} ({priced})"))
         pipeline = record.get("pipeline")
         if isinstance(pipeline, Mapping) and pipeline:
             table = Table(title=None, show_header=False)
@@ -398,6 +420,13 @@ class Progress:
                 table.add_row(str(key), shown)
             parts.append(table)
         return Group(*parts)
+
+
+def cost_usd(snapshot: Mapping[str, Any], price: tuple[float, float]) -> float:
+    """A member's cost from its token counts: USD per million (input, output) tokens."""
+    prompt = float(snapshot.get("prompt_tokens") or 0)
+    completion = float(snapshot.get("completion_tokens") or 0)
+    return round((prompt * price[0] + completion * price[1]) / 1e6, 6)
 
 
 def _seconds(value: Any) -> str:
