@@ -18,6 +18,7 @@ from served import Server
 
 from ensemble_async import cli
 from ensemble_async import report as report_module
+from ensemble_async import rouge as rouge_module
 from ensemble_async.consensus import normalize, reference_similarity
 from ensemble_async.reasons import REASONS, RULES, anchor, describe
 from ensemble_async.report import (
@@ -306,6 +307,9 @@ def test_memory_is_bounded_on_a_large_file(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(report_module, "WINDOW", 100)
     monkeypatch.setattr(report_module, "AGREEMENT_SAMPLE", 500)
     monkeypatch.setattr(report_module, "DIVERSITY_SAMPLE", 500)
+    # The process-wide stem cache (bounded, cleared when full) starts empty as in a fresh
+    # process: what earlier tests stemmed must not decide when it next clears.
+    monkeypatch.setattr(rouge_module, "_stemmer", None)
     peaks = []
     for n in (3_000, 12_000):
         files = _synthetic_file(tmp_path / str(n), n)
