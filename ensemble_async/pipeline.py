@@ -806,7 +806,9 @@ class Pipeline:
             prompt_style=style,
             model=None if completion is None else completion.model,
             backend=None if served is None else served.backend,
-            host=None if served is None else served.host,
+            # With replicas (urls = [...]), the replica that answered (host:port).
+            host=(completion.replica if completion is not None else None)
+            or (None if served is None else served.host),
         )
 
     def _from_ensemble(self, c: Candidate, style: PromptStyle) -> CandidateRecord:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +300,49 @@ async def test_openai_compatible_replicas_work_the_same_way() -> None:
             got = await asyncio.gather(*(backend.generate(REQUEST) for _ in range(30)))
         assert {c.backend for [c] in got} == {"v"}
         assert {c.replica for [c] in got} == {replica_label(d.url) for d in ds}
+
+
+def test_records_name_the_replica_that_answered(tmp_path: Path) -> None:
+    """A member spread over replicas is one voice; each candidate's host is the replica."""
+    from served import Server
+
+    from ensemble_async import cli
+
+    tgi = Server("tgi", "--ei", "writer-lm")
+    replicas = [Server("openai", "--ei", "answer-lm") for _ in range(2)]
+    try:
+        out = tmp_path / "records.jsonl"
+        urls = ", ".join(f'"{r.url}"' for r in replicas)
+        cfg = tmp_path / "cfg.toml"
+        cfg.write_text(
+            f"""
+[run]
+seed = 3
+output = "{out}"
+targets = {{ input_output = 6, output = 3 }}
+
+[backends.writer]
+kind = "tgi"
+url = "{tgi.url}"
+
+[backends.answerer]
+kind = "openai"
+urls = [{urls}]
+
+[roles]
+writer = "writer"
+answerers = ["answerer"]
+"""
+        )
+        assert cli.main(["generate", "--config", str(cfg), "--quiet"]) == cli.EXIT_OK
+    finally:
+        for server in (tgi, *replicas):
+            server.stop()
+    hosts = set()
+    for line in out.read_text().splitlines():
+        record = json.loads(line)
+        candidates = record["provenance"]["candidates"]
+        assert [c["source"] for c in candidates] == ["writer", "answerer"]  # one voice
+        hosts.add(candidates[1]["host"])
+    expected = {r.url.removeprefix("http://") for r in replicas}
+    assert hosts <= expected and len(hosts) == 2  # both replicas answered, each named
