@@ -42,11 +42,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from .admission import AdaptiveLimiter, SlotSource, TokenBucket, estimate_tokens, used_tokens
 from .backend import Backend, info_of, kind_of, stream_of
@@ -59,6 +59,8 @@ from .stats import BackendStats
 from .types import BackendInfo, Completion, GenerationRequest, StreamEvent
 
 __all__ = ["Member"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +236,7 @@ class Member:
 
     async def _send(self, request: GenerationRequest) -> list[Completion]:
         """The request through breaker, retries and admission to the backend."""
-        self.stats.started()
-        try:
-            try:
-                with self.breaker.guard():
-                    completions, latency = await self.retry.run(
-                        lambda: self._attempt(request), on_retry=self._on_retry
-                    )
-            finally:
-                self._watch_breaker()
-        except Exception as exc:
-            self.stats.failed_with(self._named(exc))
-            raise
-        except BaseException:
-            self.stats.was_cancelled()
-            raise
+        completions, latency = await self._guarded(lambda: self._attempt(request))
         self.stats.succeeded(
             latency,
             completions=len(completions),
@@ -258,6 +246,26 @@ class Member:
             completion_tokens=sum(c.completion_tokens or 0 for c in completions),
         )
         return completions
+
+    async def _guarded(
+        self, attempt: Callable[[], Awaitable[tuple[_T, float]]]
+    ) -> tuple[_T, float]:
+        """One call (generation or scoring) through the breaker and the retries, counted
+        as started and, on failure, as failed or cancelled; the caller counts success
+        (what it counts depends on what was asked)."""
+        self.stats.started()
+        try:
+            try:
+                with self.breaker.guard():
+                    return await self.retry.run(attempt, on_retry=self._on_retry)
+            finally:
+                self._watch_breaker()
+        except Exception as exc:
+            self.stats.failed_with(self._named(exc))
+            raise
+        except BaseException:
+            self.stats.was_cancelled()
+            raise
 
     def _named(self, exc: BaseException) -> BaseException:
         # A caller's breaker may have no name: say which member refused.
@@ -370,19 +378,7 @@ class Member:
                     scores = await scorer.score(request)
                 return scores, self._clock() - started
 
-        self.stats.started()
-        try:
-            try:
-                with self.breaker.guard():
-                    scores, latency = await self.retry.run(attempt, on_retry=self._on_retry)
-            finally:
-                self._watch_breaker()
-        except Exception as exc:
-            self.stats.failed_with(self._named(exc))
-            raise
-        except BaseException:
-            self.stats.was_cancelled()
-            raise
+        scores, latency = await self._guarded(attempt)
         self.stats.succeeded(
             latency,
             completions=0,

@@ -13,6 +13,7 @@ from ensemble_async.config import ConfigError, load_config
 
 __all__ = ["servers"]
 
+
 def test_the_summary_prices_each_member_by_its_tokens(
     servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lag import MAX_LAG_S, LagProbe
 
 from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.member import Member
@@ -39,34 +40,6 @@ from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.tgi_double import TGIDouble
 
 DATA = Path(__file__).parent / "data"
-MAX_LAG_S = 0.25  # the bound tests/test_transformers.py holds the local-model adapter to
-
-
-class LagProbe:
-    """How late the event loop wakes a 10 ms sleeper, at worst."""
-
-    def __init__(self) -> None:
-        self.max_lag = 0.0
-        self.ticks = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            started = loop.time()
-            await asyncio.sleep(0.01)
-            self.max_lag = max(self.max_lag, loop.time() - started - 0.01)
-            self.ticks += 1
-
-    async def __aenter__(self) -> LagProbe:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await self._task
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

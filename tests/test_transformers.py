@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from lag import MAX_LAG_S, LagProbe
 
 from ensemble_async.backends.transformers import TransformersBackend
 from ensemble_async.errors import BadRequestError, ContextLengthError, FatalError
@@ -39,34 +40,6 @@ PROMPTS = [
     "A list of colours: red,",
     "Once upon a time",
 ]
-MAX_LAG_S = 0.25
-
-
-class Ticker:
-    """Measures how late the event loop wakes a 10 ms sleeper (the loop's lag)."""
-
-    def __init__(self) -> None:
-        self.max_lag = 0.0
-        self.ticks = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            started = loop.time()
-            await asyncio.sleep(0.01)
-            self.max_lag = max(self.max_lag, loop.time() - started - 0.01)
-            self.ticks += 1
-
-    async def __aenter__(self) -> Ticker:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await self._task
 
 
 @dataclass
@@ -336,7 +309,7 @@ async def test_stream_needs_n_1(loaded: Loaded) -> None:
 async def test_event_loop_is_never_blocked_while_generating(loaded: Loaded) -> None:
     b = loaded.backend
     requests = [_greedy(p, 16, stop=("\n\n",)) for p in PROMPTS[:4]]
-    async with Ticker() as ticker:
+    async with LagProbe() as ticker:
         results = await asyncio.gather(*(b.generate(r) for r in requests))
         async for _ in b.stream(_greedy(PROMPTS[4], 8)):
             pass
