@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 MAX_LAG_S = 0.25
 """The stall bound every such test holds the code to (the local-model adapter's first)."""
@@ -10,7 +11,12 @@ MAX_LAG_S = 0.25
 
 class LagProbe:
     """Measures how late the event loop wakes a 10 ms sleeper, at worst (``max_lag``),
-    while it is entered; ``ticks`` says how often it woke."""
+    while it is entered; ``ticks`` says how often it woke.
+
+    On entry the objects alive so far are frozen out of the garbage collector (and
+    unfrozen on exit): in a long test session the heap earlier tests left (torch,
+    transformers, Ray...) makes one full collection take a few hundred milliseconds,
+    which would be counted against the code under test."""
 
     def __init__(self) -> None:
         self.max_lag = 0.0
@@ -27,10 +33,15 @@ class LagProbe:
             self.ticks += 1
 
     async def __aenter__(self) -> LagProbe:
+        gc.collect()
+        gc.freeze()
         self._task = asyncio.create_task(self._run())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
         assert self._task is not None
-        await self._task
+        try:
+            await self._task
+        finally:
+            gc.unfreeze()
