@@ -42,6 +42,7 @@ import errno
 import json
 import math
 import os
+import select as _select
 import signal
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
@@ -452,12 +453,34 @@ def run_check(args: argparse.Namespace, console: Console) -> int:
 # ------------------------------------------------------------------------ consensus
 
 
+def _read_interruptibly(path: Path) -> bytes:
+    """The whole of ``path``.  A pipe or FIFO is read in a loop that wakes every half
+    second: a signal delivered to another (native) thread of this process only flags
+    the main thread, which would otherwise stay blocked in ``read`` and never exit on
+    SIGTERM."""
+    if path.is_file():
+        return path.read_bytes()
+    chunks: list[bytes] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            ready, _, _ = _select.select([fd], [], [], 0.5)  # Python checks signals here
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def consensus_lines(path: Path, *, threshold: float) -> list[dict[str, Any]]:
     """Every line of ``path`` with its ``selection`` added; UsageError names file:line.
 
     A UTF-8 byte-order mark is accepted; bytes that are not UTF-8 name their line."""
     try:
-        data = path.read_bytes()
+        data = _read_interruptibly(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
     except OSError as exc:
