@@ -134,13 +134,22 @@ def embedded_config(*, output: str | Path | None = None) -> Config:
 # ------------------------------------------------------------------------ backends
 
 
-def _create(spec: BackendConfig, source: str, prefix: str) -> Backend:
-    """One backend; construction errors become ConfigError naming the key."""
+def _create(spec: BackendConfig, source: str, prefix: str, *, ray: str | None = None) -> Backend:
+    """One backend; construction errors become ConfigError naming the key.  With ``ray``
+    (``generate --ray``) the backend is hosted by a Ray actor on that cluster (kind
+    ``ray`` hosting ``spec.kind``): the run's logic stays here, its calls run there."""
 
     def key(name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
 
     try:
+        if ray is not None:
+            return create_backend(
+                "ray",
+                hosted_kind=spec.kind,
+                address=None if ray == "local" else ray,
+                **spec.factory_options(),
+            )
         return create_backend(spec.kind, **spec.factory_options())
     except UnknownBackendError as exc:
         raise ConfigError(source, key("kind"), str(exc)) from None
@@ -158,7 +167,8 @@ def create_backends(config: Config, names: Sequence[str] | None = None) -> dict[
     names = list(names) if names is not None else config.used_backends()
     check_environment(config, names)
     return {
-        name: _create(config.backends[name], config.source, f"backends.{name}") for name in names
+        name: _create(config.backends[name], config.source, f"backends.{name}", ray=config.ray)
+        for name in names
     }
 
 

@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -262,6 +263,10 @@ def run_generate(args: argparse.Namespace, err: Console) -> int:
         config = config.with_output(output_path(args.output, source="--output", key=None))
     if args.limit is not None:
         config = config.with_limit(args.limit)
+    if args.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--ray needs Ray: pip install 'ensemble-async[ray]'")
+        config = config.with_ray(args.ray)
     check_environment(config)  # before anything is created on disk
     mode, log_path = _progress_mode(args, err)
     check_distinct_files(config, log=log_path)
@@ -586,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="keep at most N instructions in all (a quick preview; the config is unchanged)",
+    )
+    p_gen.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="make every member's calls from Ray actors on a cluster: no ADDRESS starts a "
+        "local one, 'auto' joins the running one (step 1, the novelty pool, consensus, "
+        "records and the cache stay in this process)",
     )
     shown = p_gen.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the summary")

@@ -289,11 +289,18 @@ class Config:
     source: str = "<config>"
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Which candidate a decision keeps (``[selection]``; default: plain consensus)."""
+    ray: str | None = None
+    """``generate --ray``: the Ray cluster the members' calls run on (``"local"`` starts
+    one, ``"auto"`` joins the running one, else its address); None: this process."""
 
     def with_output(self, output: str | Path) -> Config:
         """The same config writing to another records path (derived paths follow it
         unless they were given explicitly)."""
         return dataclasses.replace(self, run=dataclasses.replace(self.run, output=Path(output)))
+
+    def with_ray(self, address: str) -> Config:
+        """The same run with every member's calls made from Ray actors on a cluster."""
+        return dataclasses.replace(self, ray=address)
 
     def with_limit(self, limit: int) -> Config:
         """The same config keeping at most ``limit`` instructions in all (a preview)."""

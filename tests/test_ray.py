@@ -127,7 +127,8 @@ async def test_cluster_hosted_model_is_one_member_and_matches_the_local_model(
     assert [c.text if c else None for c in got] == expected  # greedy: same text as local
     assert all(c is not None and c.backend == "smol-on-ray" for c in got)
     assert all(r.candidates[1].status == "ok" for r in results)
-    assert info.kind == "ray" and info.extra["replicas"] == 2
+    assert info.kind == "transformers" and info.extra["replicas"] == 2
+    assert info.extra["hosted_kind"] == "transformers"
     assert sum(served) == len(prompts) and min(served) >= 1  # both actors worked
 
 

@@ -188,7 +188,9 @@ class RayBackend(BaseBackend):
         per_actor = hosted.max_concurrency
         return BackendInfo(
             name=self.name,
-            kind=self.kind,
+            # The hosted kind: what serves the model (and keys the response cache, so a
+            # run moved onto the cluster replays the same entries).
+            kind=hosted.kind,
             model=hosted.model,
             max_concurrency=None if per_actor is None else per_actor * len(pool),
             max_batch_size=hosted.max_batch_size,
@@ -196,7 +198,7 @@ class RayBackend(BaseBackend):
             max_input_tokens=hosted.max_input_tokens,
             max_total_tokens=hosted.max_total_tokens,
             supports_n=hosted.supports_n,
-            extra={"replicas": len(pool), "hosted_kind": self.hosted_kind},
+            extra={**hosted.extra, "replicas": len(pool), "hosted_kind": self.hosted_kind},
         )
 
     async def health(self) -> Health:
