@@ -15,6 +15,12 @@ is expected: the point is that the overhead is small.
 
     python bench/ray_cluster.py                    # 600 items, 20 ms service time
     python bench/ray_cluster.py --items 2000 --latency 0.05
+
+``--pipeline`` measures the whole Ensemble-Instruct run instead: ``generate`` against
+Ensemble-Instruct-like doubles (a TGI writer, a vLLM-style answerer), in one process and
+with ``--ray`` on 1- and 2-node clusters; examples kept per second.
+
+    python bench/ray_cluster.py --pipeline --io 60 --o 40
 """
 
 from __future__ import annotations
@@ -104,12 +110,113 @@ def with_cluster(nodes: int, body: Callable[[], float]) -> float:
         cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
+def pipeline_rows(latency: float, io: int, o: int) -> list[tuple[str, float, int]]:
+    """(run, wall seconds, records) for generate in one process and on 1 and 2 nodes."""
+    import tempfile
+    from pathlib import Path
+
+    from ensemble_async import cli
+
+    procs = []
+    urls = []
+    for kind, name in (("tgi", "writer-lm"), ("openai", "answer-lm")):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ensemble_async.testing.serve",
+                kind,
+                "--ei",
+                name,
+                "--latency",
+                str(latency),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        procs.append(proc)
+        urls.append(proc.stdout.readline().split()[1])
+    work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+
+    def config(name: str) -> Path:
+        out = work / name / "records.jsonl"
+        cfg = work / f"{name}.toml"
+        cfg.write_text(
+            f"""
+[run]
+seed = 1
+output = "{out}"
+cache = false
+targets = {{ input_output = {io}, output = {o} }}
+
+[backends.writer]
+kind = "tgi"
+url = "{urls[0]}"
+concurrency = 32
+
+[backends.answerer]
+kind = "openai"
+url = "{urls[1]}"
+concurrency = 32
+
+[roles]
+writer = "writer"
+answerers = ["answerer"]
+"""
+        )
+        return cfg
+
+    def generate(name: str, *extra: str) -> tuple[str, float, int]:
+        cfg = config(name)
+        started = time.perf_counter()
+        code = cli.main(["generate", "--config", str(cfg), "--quiet", *extra])
+        wall = time.perf_counter() - started
+        assert code == 0, f"{name}: exit {code}"
+        kept = len((work / name / "records.jsonl").read_text().splitlines())
+        return name, wall, kept
+
+    try:
+        rows = [generate("single-process")]
+        for nodes in (1, 2):
+            label = f"ray, {nodes} node{'s' if nodes > 1 else ''}"
+
+            def body(label: str = label) -> float:
+                import ray as ray_module
+
+                address = ray_module.get_runtime_context().gcs_address
+                row = generate(label.replace(" ", "").replace(",", "-"), "--ray", address)
+                rows.append((label, row[1], row[2]))
+                return row[1]
+
+            with_cluster(nodes, body)
+        return rows
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pipeline", action="store_true", help="measure generate instead")
+    parser.add_argument("--io", type=int, default=60, help="--pipeline: input-output target")
+    parser.add_argument("--o", type=int, default=40, help="--pipeline: output-only target")
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--replicas", type=int, default=2, help="actors per member")
     args = parser.parse_args()
+    if args.pipeline:
+        rows3 = pipeline_rows(args.latency, args.io, args.o)
+        base_rate = rows3[0][2] / rows3[0][1]
+        print(
+            f"generate, {args.io} + {args.o} instructions, service time {args.latency * 1000:.0f} ms"
+        )
+        print(f"{'run':<16} {'kept':>5} {'wall s':>7} {'kept/s':>8} {'vs single':>10}")
+        for name, wall, kept in rows3:
+            rate = kept / wall
+            print(f"{name:<16} {kept:5d} {wall:7.2f} {rate:8.1f} {rate / base_rate:9.2f}x")
+        return
 
     procs: list[subprocess.Popen[str]] = []
     urls: list[tuple[str, str]] = []
