@@ -75,8 +75,8 @@ def records(path: Path) -> list[tuple[str, str, str, str]]:
     return sorted((r["id"], r["instruction"], r["input"], r["output"]) for r in lines)
 
 
-def _config(servers: tuple[str, str], out: Path, **targets: int) -> str:
-    return config_text(*servers, out, **targets).replace(
+def _config(servers: tuple[str, str], out: Path, *, io_n: int = 8, o_n: int = 4) -> str:
+    return config_text(servers[0], servers[1], out, io_n=io_n, o_n=o_n).replace(
         "concurrency = 8", "concurrency = 8\nmax_attempts = 6"
     )
 
