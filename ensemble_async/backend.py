@@ -10,6 +10,7 @@ callers never need to know which kind they hold.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, cast, runtime_checkable
@@ -172,15 +173,4 @@ async def gather_n(
 
 
 def _reindex(c: Completion, index: int) -> Completion:
-    if c.index == index:
-        return c
-    return Completion(
-        text=c.text,
-        finish_reason=c.finish_reason,
-        backend=c.backend,
-        latency_s=c.latency_s,
-        prompt_tokens=c.prompt_tokens,
-        completion_tokens=c.completion_tokens,
-        model=c.model,
-        index=index,
-    )
+    return c if c.index == index else dataclasses.replace(c, index=index)

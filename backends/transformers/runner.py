@@ -22,6 +22,7 @@ Scoring (``kind == "score"`` jobs, payload a ``ScoreRequest``): see :meth:`Model
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -491,16 +492,7 @@ class ModelRunner:
 
 
 def _with_index(c: Completion, index: int) -> Completion:
-    return Completion(
-        text=c.text,
-        finish_reason=c.finish_reason,
-        backend=c.backend,
-        latency_s=c.latency_s,
-        prompt_tokens=c.prompt_tokens,
-        completion_tokens=c.completion_tokens,
-        model=c.model,
-        index=index,
-    )
+    return dataclasses.replace(c, index=index)
 
 
 def _sampling_processors(req: GenerationRequest, device: Any) -> Any:
