@@ -50,21 +50,8 @@ class ExportError(Exception):
 
 def _examples(records_path: Path) -> Iterator[tuple[str, str, str]]:
     """(instruction, input, output) of each record."""
-    try:
-        for record in read_records(records_path):
-            instruction = record.get("instruction")
-            output = record.get("output")
-            given = record.get("input")
-            given = "" if given is None else given
-            if not isinstance(instruction, str) or not isinstance(output, str):
-                raise ExportError(
-                    f"{records_path}: record {record['id']} lacks a string instruction/output"
-                )
-            if not isinstance(given, str):
-                raise ExportError(f"{records_path}: record {record['id']} has a non-string input")
-            yield instruction, given, output
-    except RecordFileError as exc:
-        raise ExportError(str(exc)) from exc
+    for _, instruction, given, output in _id_examples(records_path):
+        yield instruction, given, output
 
 
 def _atomic_write(out_path: Path, source: Path | None, fill: Callable[[TextIO], int]) -> int:
