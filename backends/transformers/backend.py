@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import AsyncGenerator, Hashable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from ensemble_async.backend import BaseBackend
@@ -134,14 +133,6 @@ class TransformersBackend(BaseBackend):
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop the worker: waiting and running requests fail with ``FatalError``."""
