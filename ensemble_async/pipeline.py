@@ -82,7 +82,6 @@ from typing import Any, Literal, Protocol, TypeAlias
 from urllib.parse import urlsplit
 
 from . import __version__
-from . import errors as _errors
 from .breaker import CircuitOpenError
 from .consensus import Selection, select
 from .ensemble import Candidate, Ensemble
@@ -206,12 +205,9 @@ def unavailable(exc: BaseException) -> bool:
 
 
 def _candidate_unavailable(c: Candidate) -> bool:
-    if c.status in ("circuit_open", "unavailable"):
-        return True
-    if c.status != "failed" or not c.error:
-        return False
-    cls = getattr(_errors, c.error.split(":", 1)[0], None)
-    return isinstance(cls, type) and issubclass(cls, RetryableError)
+    """The ensemble marks a member that could not answer (retries spent on a retryable
+    error, breaker open) by status; a request failing for its own reason is ``failed``."""
+    return c.status in ("circuit_open", "unavailable")
 
 
 @dataclass
