@@ -49,6 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeAlias
 
+from . import atomicfile
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
@@ -661,19 +663,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Replace ``path`` with ``text`` atomically (``atomicfile``: temp file, fsync, rename,
+    fsync dir); a failure is a ``RecordStorageError``."""
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomicfile.write_text(path, text)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise _storage_error("write", path, exc) from exc
-    _fsync_dir(path.parent)
 
 
 def open_pair(path: Path, rejects_path: Path) -> tuple[RecordFile, RecordFile]:
