@@ -232,7 +232,7 @@ def parse_response(
     raw_model = data.get("model")
     model_id = scrubber.scrub(raw_model) if isinstance(raw_model, str) else model
     out: list[Completion] = []
-    ordered = sorted(choices, key=lambda c: _count(c.get("index")) or 0)
+    ordered = choices if len(choices) == 1 else sorted(choices, key=_choice_index)
     for i, choice in enumerate(ordered):
         text, reason = _final_text(
             _text_of(choice, chat, backend),
@@ -255,6 +255,10 @@ def parse_response(
             )
         )
     return out
+
+
+def _choice_index(choice: Mapping[str, Any]) -> int:
+    return _count(choice.get("index")) or 0
 
 
 def parse_chunk(
@@ -313,7 +317,7 @@ class HTTPWire:
 
     async def create(self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]) -> Any:
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        return await self._http.post_json(path, {**body, **vendor})
+        return await self._http.post_json(path, {**body, **vendor} if vendor else body)
 
     async def stream(
         self, chat: bool, body: dict[str, Any], vendor: dict[str, Any]

@@ -53,7 +53,7 @@ from ensemble_async.errors import (
 )
 from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, HTTPTransport, error_message
 from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
-from ensemble_async.scrub import ScrubHoldback, scrubbed_errors
+from ensemble_async.scrub import ScrubHoldback, scrub_exception, scrubbed_errors
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.stops import StopHoldback, cut_at_stop
 from ensemble_async.types import (
@@ -252,7 +252,7 @@ class TGIBackend(BaseBackend):
             payload["stream"] = False
             # POST / returns the prompt too unless told otherwise (text-generation models)
             payload["parameters"].setdefault("return_full_text", False)
-        headers: dict[str, str] = {}
+        headers = {"x-prompt-tokens": ""}
         try:
             data = await self._http.post_json(
                 "/" if self._endpoint == "compat" else "/generate",
@@ -323,8 +323,10 @@ class TGIBackend(BaseBackend):
             raise _refine(exc) from exc
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
-        with self._scrubbed():
-            await self._check_stops(request)
+        # Once per request: the scrubbing of ``_scrubbed`` as a plain ``except``.
+        try:
+            if request.stop:
+                await self._check_stops(request)
             if request.n == 1:
                 return [await self._generate_one(request, request.seed)]
 
@@ -336,6 +338,10 @@ class TGIBackend(BaseBackend):
                 return await gather_n(request.n, [], one_more)
             except BaseExceptionGroup as group:
                 raise _first_leaf(group) from None
+        except Exception as exc:
+            if self._scrubber:
+                scrub_exception(exc, self._scrubber)
+            raise
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.n != 1:

@@ -82,6 +82,7 @@ from .manifest import ManifestError
 from .member import Member
 from .progress import Mode, Progress
 from .records import RecordFileError
+from .runner import run as run_loop
 from .registry import ALIASES, backend_kinds
 from .seedtasks import SeedTask
 from .types import ChatMessage, GenerationRequest
@@ -118,8 +119,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run`` with SIGTERM cancelling the main task (like Ctrl-C does), so the
-    run unwinds through its ``async with`` blocks; ``asyncio.CancelledError`` comes out."""
+    """``runner.run`` (uvloop's event loop when installed) with SIGTERM cancelling the
+    main task (like Ctrl-C does), so the run unwinds through its ``async with`` blocks;
+    ``asyncio.CancelledError`` comes out."""
 
     async def guarded() -> _T:
         loop = asyncio.get_running_loop()
@@ -139,7 +141,7 @@ def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
                 with contextlib.suppress(ValueError):
                     signal.signal(signal.SIGTERM, _on_sigterm)
 
-    return asyncio.run(guarded())
+    return run_loop(guarded())
 
 
 # ----------------------------------------------------------------------------- ask
