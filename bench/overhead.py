@@ -23,6 +23,13 @@ choice, see ``ensemble_async.jsonio``).  Both are reported in the header.
     python bench/overhead.py                          # N = 20,000, 3 rounds
     python bench/overhead.py --items 2000 --rounds 5
     python bench/overhead.py --profile prof.out       # cProfile of one Ensemble.map run
+    python bench/overhead.py --layers --items 6000    # where the time goes, layer by layer
+
+``--layers`` measures client CPU per request four times over, adding one layer each
+time: the bare loop; the adapter (``OpenAIBackend.generate`` under the same
+semaphores); the member (``Member.generate``: admission, retries, breaker, stats); the
+whole ``Ensemble.map`` (fan-out, consensus, results).  The differences are each
+layer's share.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -47,7 +53,7 @@ import aiohttp
 from ensemble_async import Ensemble, GenerationRequest, Member
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.jsonio import JSON_LIBRARY
-from ensemble_async.runner import EVENT_LOOP, run
+from ensemble_async.runner import EVENT_LOOP, LoopName, run
 from ensemble_async.types import ChatMessage
 
 MEMBERS = 3
@@ -120,10 +126,12 @@ async def bare_loop(urls: list[str], items: int) -> int:
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
         }
-        async with gates[m]:
-            async with sessions[m].post(f"{urls[m]}/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                data = await r.json()
+        async with (
+            gates[m],
+            sessions[m].post(f"{urls[m]}/v1/chat/completions", json=body) as r,
+        ):
+            r.raise_for_status()
+            data = await r.json()
         if isinstance(data["choices"][0]["message"]["content"], str):
             got += 1
 
@@ -135,6 +143,50 @@ async def bare_loop(urls: list[str], items: int) -> int:
     return got
 
 
+async def adapters_only(urls: list[str], items: int) -> int:
+    """Layer 1: the bare loop with ``OpenAIBackend.generate`` in place of the post."""
+    backends = [OpenAIBackend(url, model="double-model", mode="chat") for url in urls]
+    gates = [asyncio.Semaphore(PER_MEMBER) for _ in urls]
+
+    async def ask(m: int, i: int) -> int:
+        request = GenerationRequest(
+            messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
+        )
+        async with gates[m]:
+            return len(await backends[m].generate(request))
+
+    try:
+        got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(urls))))
+    finally:
+        for backend in backends:
+            await backend.aclose()
+    return sum(got)
+
+
+async def members_only(urls: list[str], items: int) -> int:
+    """Layer 2: ``Member.generate`` (admission, retries, breaker, stats) over the adapter."""
+    members = [
+        Member(OpenAIBackend(url, model="double-model", mode="chat"), concurrency=PER_MEMBER)
+        for url in urls
+    ]
+
+    async def ask(m: int, i: int) -> int:
+        request = GenerationRequest(
+            messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
+        )
+        return len(await members[m].generate(request))
+
+    try:
+        got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(urls))))
+    finally:
+        for member in members:
+            await member.aclose()
+    return sum(got)
+
+
+LAYERS: list[tuple[str, Callable[[list[str], int], Coroutine[Any, Any, int]]]] = []
+
+
 async def ensemble_map(urls: list[str], items: int) -> int:
     """The library (returns the candidates received)."""
     members = [
@@ -142,9 +194,7 @@ async def ensemble_map(urls: list[str], items: int) -> int:
         for url in urls
     ]
     requests = (
-        GenerationRequest(
-            messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
-        )
+        GenerationRequest(messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS)
         for i in range(items)
     )
     got = 0
@@ -153,6 +203,13 @@ async def ensemble_map(urls: list[str], items: int) -> int:
             got += sum(c.status == "ok" for c in result.candidates)
     return got
 
+
+LAYERS += [
+    ("bare aiohttp loop", bare_loop),
+    ("+ adapter (OpenAIBackend)", adapters_only),
+    ("+ member (Member.generate)", members_only),
+    ("+ ensemble (Ensemble.map)", ensemble_map),
+]
 
 # -- measuring -----------------------------------------------------------------------------
 
@@ -178,7 +235,7 @@ def measure(
     client: Callable[[list[str], int], Coroutine[Any, Any, int]],
     doubles: Doubles,
     items: int,
-    loop: str,
+    loop: LoopName,
 ) -> Outcome:
     before = doubles.counts()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -190,6 +247,22 @@ def measure(
     return Outcome(name, items, wall, cpu)
 
 
+def layers(doubles: Doubles, args: argparse.Namespace) -> None:
+    """Client CPU microseconds per request with one more layer each time, ``--rounds``
+    times interleaved; prints the median of each and what each layer adds."""
+    cpu: dict[str, list[float]] = {name: [] for name, _ in LAYERS}
+    for _ in range(args.rounds):
+        for name, client in LAYERS:
+            cpu[name].append(measure(name, client, doubles, args.items, args.loop).cpu_us)
+    print(f"{'layer':<30} {'cpu us/req':>10} {'adds':>8}")
+    previous = None
+    for name, _ in LAYERS:
+        value = statistics.median(cpu[name])
+        adds = "" if previous is None else f"{value - previous:>+8.1f}"
+        print(f"{name:<30} {value:>10.1f} {adds:>8}")
+        previous = value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--items", type=int, default=20_000)
@@ -197,12 +270,20 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--profile", metavar="FILE", help="profile one Ensemble.map run")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="client CPU per request, layer by layer (where the time goes)",
+    )
     args = parser.parse_args()
     doubles = Doubles(args.latency)
     try:
         # warm both paths (imports, connection pools, server JIT-free warm-up)
         measure("warm-up", bare_loop, doubles, 200, args.loop)
         measure("warm-up", ensemble_map, doubles, 200, args.loop)
+        if args.layers:
+            layers(doubles, args)
+            return 0
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -218,8 +299,10 @@ def main() -> int:
             f"processes, {args.latency * 1000:.0f} ms; N = {args.items:,}, {PER_MEMBER} "
             "in flight per member"
         )
-        print(f"{'round':<6} {'bare items/s':>12} {'map items/s':>12} {'ratio':>6} "
-              f"{'bare us/req':>11} {'map us/req':>11} {'extra us':>9}")
+        print(
+            f"{'round':<6} {'bare items/s':>12} {'map items/s':>12} {'ratio':>6} "
+            f"{'bare us/req':>11} {'map us/req':>11} {'extra us':>9}"
+        )
         ratios: list[float] = []
         extra: list[float] = []
         bare_rates: list[float] = []

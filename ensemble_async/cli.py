@@ -82,8 +82,8 @@ from .manifest import ManifestError
 from .member import Member
 from .progress import Mode, Progress
 from .records import RecordFileError
-from .runner import run as run_loop
 from .registry import ALIASES, backend_kinds
+from .runner import run as run_loop
 from .seedtasks import SeedTask
 from .types import ChatMessage, GenerationRequest
 

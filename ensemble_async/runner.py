@@ -45,7 +45,9 @@ def loop_factory(loop: LoopName = "auto") -> Callable[[], asyncio.AbstractEventL
     try:
         import uvloop
     except ImportError as exc:
-        raise ImportError("the uvloop event loop needs: pip install 'ensemble-async[fast]'") from exc
+        raise ImportError(
+            "the uvloop event loop needs: pip install 'ensemble-async[fast]'"
+        ) from exc
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 

@@ -455,19 +455,20 @@ def test_incremental_reuses_scores_and_validates() -> None:
     assert IncrementalSelector(0).finalize().selection.rule == "none"
 
 
-def test_each_candidate_is_tokenised_once_not_once_per_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_candidate_is_tokenised_once_not_once_per_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The default similarity tokenises (and stems) a candidate once per decision, and the
     pair scores computed from those tokens are exactly the reference's, pair by pair."""
-    import ensemble_async.consensus as consensus
+    from ensemble_async.rouge import tokenize as real
 
     calls: list[str] = []
-    real = consensus.tokenize
 
     def counting(text: str, *, stem: bool = False) -> list[str]:
         calls.append(text)
         return real(text, stem=stem)
 
-    monkeypatch.setattr(consensus, "tokenize", counting)
+    monkeypatch.setattr("ensemble_async.consensus.tokenize", counting)
     candidates = [
         "The river runs to the sea.",
         "Rivers run into seas, mostly.",
