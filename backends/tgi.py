@@ -30,7 +30,6 @@ Facts this adapter relies on (see PROTOCOLS.md):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
@@ -199,10 +198,17 @@ class TGIBackend(BaseBackend):
             )
 
     def _completion(
-        self, text: Any, details: Any, request: GenerationRequest, started: float
+        self,
+        text: Any,
+        details: Any,
+        request: GenerationRequest,
+        started: float,
+        headers: Mapping[str, str] | None = None,
     ) -> Completion:
         """The final completion from ``generated_text`` and ``details``, every field
-        type-checked, the text cut at its first stop string and scrubbed."""
+        type-checked, the text cut at its first stop string and scrubbed.  The prompt's
+        token count comes from ``details`` or else from TGI's ``x-prompt-tokens`` answer
+        header (plain /generate reports it only there)."""
         if not isinstance(text, str) or not isinstance(details, dict):
             raise MalformedResponseError(
                 "TGI answer lacks generated_text or details", backend=self.name
@@ -227,6 +233,9 @@ class TGIBackend(BaseBackend):
             raise self._malformed("details.prefill", prefill)
         if prompt_tokens is None and prefill:
             prompt_tokens = len(prefill)
+        if prompt_tokens is None and headers:
+            value = headers.get("x-prompt-tokens", "")
+            prompt_tokens = int(value) if value.isdigit() else None
         text, stopped = cut_at_stop(text, request.stop)
         return Completion(
             text=self._scrubber.scrub(text),
@@ -265,8 +274,9 @@ class TGIBackend(BaseBackend):
             data = data[0]
         if not isinstance(data, dict):
             raise MalformedResponseError("TGI answer is not a JSON object", backend=self.name)
-        done = self._completion(data.get("generated_text"), data.get("details"), request, started)
-        return _with_prompt_tokens(done, headers)
+        return self._completion(
+            data.get("generated_text"), data.get("details"), request, started, headers
+        )
 
     def _chat_payload(
         self, request: GenerationRequest, seed: int | None, stream: bool
@@ -602,15 +612,6 @@ def _refine(exc: BadRequestError) -> BadRequestError:
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _with_prompt_tokens(done: Completion, headers: Mapping[str, str]) -> Completion:
-    """``done`` with the prompt's token count from TGI's ``x-prompt-tokens`` header when
-    the answer itself did not say (plain /generate reports it only there)."""
-    if done.prompt_tokens is not None:
-        return done
-    value = headers.get("x-prompt-tokens", "")
-    return dataclasses.replace(done, prompt_tokens=int(value)) if value.isdigit() else done
 
 
 def _first_covering(texts: list[str], length: int) -> int:

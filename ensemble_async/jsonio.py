@@ -12,19 +12,24 @@ standard library.  One difference remains: orjson reads an integer past 64 bits 
 float; no field an adapter reads (counts, indices, seeds) can hold one.
 ``dumps`` returns compact UTF-8 bytes; a value orjson cannot encode (an integer past
 64 bits, a non-string key) is encoded by the standard library instead.
+``ENSEMBLE_ASYNC_JSON=json`` makes the standard library do all of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 __all__ = ["JSON_LIBRARY", "dumps", "loads"]
 
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - exercised by a test that hides orjson
-    _orjson = None  # type: ignore[assignment]
+if os.environ.get("ENSEMBLE_ASYNC_JSON", "").strip().lower() == "json":
+    _orjson = None  # forced, e.g. to measure what orjson buys
+else:
+    try:
+        import orjson as _orjson
+    except ImportError:  # pragma: no cover - exercised by a test that hides orjson
+        _orjson = None  # type: ignore[assignment]
 
 JSON_LIBRARY = "json" if _orjson is None else "orjson"
 """Which library encodes and decodes: ``"orjson"`` or ``"json"``."""

@@ -319,9 +319,7 @@ class ReplicaSet(BaseBackend):
         while True:
             replica = self._pick(request)
             if replica is not None:
-                replica.outstanding += 1
-                replica.requests += 1
-                return replica
+                return self._take(replica)
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -393,8 +391,15 @@ class ReplicaSet(BaseBackend):
 
     # -- the Backend protocol -------------------------------------------------------------
 
+    def _take(self, replica: Replica) -> Replica:
+        replica.outstanding += 1
+        replica.requests += 1
+        return replica
+
     async def generate(self, request: GenerationRequest) -> list[Completion]:
-        replica = await self._acquire(request)
+        # The common case (a replica is free) without the extra coroutine of _acquire.
+        picked = self._pick(request)
+        replica = self._take(picked) if picked is not None else await self._acquire(request)
         started = self._clock()
         try:
             completions = await replica.backend.generate(request)

@@ -73,6 +73,17 @@ def test_without_orjson_the_standard_library_answers() -> None:
     assert out == 'json True {"x":"é"}'
 
 
+def test_the_standard_library_can_be_forced() -> None:
+    out = _python(
+        """
+        from ensemble_async import jsonio
+        print(jsonio.JSON_LIBRARY)
+        """,
+        ENSEMBLE_ASYNC_JSON="json",
+    )
+    assert out == "json"
+
+
 def test_the_runner_uses_uvloop_when_installed_and_asyncio_when_asked() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
