@@ -16,9 +16,12 @@ Printed per round and as the median: items/s of each, the ratio (target >= 0.9x)
 client CPU microseconds per request of each (``time.process_time`` of this process; the
 servers run elsewhere; target: at most 30 us more than the bare loop).
 
-The event loop is uvloop's when uvloop is installed (``--loop asyncio`` forces the
-standard one); JSON goes through orjson when it is installed (the library's own
-choice, see ``ensemble_async.jsonio``).  Both are reported in the header.
+Both clients run under ``ensemble_async.runner.run``, as the CLI does: uvloop's event
+loop when uvloop is installed (``--loop asyncio`` forces the standard one), and the
+garbage collector tuned for a client (``ENSEMBLE_ASYNC_GC=default`` leaves it alone);
+the library's JSON goes through orjson when it is installed (``ENSEMBLE_ASYNC_JSON=json``
+forces the standard library).  The header says which were used, so what each one buys
+is measured by running the bench with and without it.
 
     python bench/overhead.py                          # N = 20,000, 3 rounds
     python bench/overhead.py --items 2000 --rounds 5
@@ -169,12 +172,16 @@ async def members_only(urls: list[str], items: int) -> int:
         Member(OpenAIBackend(url, model="double-model", mode="chat"), concurrency=PER_MEMBER)
         for url in urls
     ]
+    # the same gates as the layer below, so the member's limiter never queues (as in an
+    # ensemble, whose item window keeps it so); its slot is still taken and released
+    gates = [asyncio.Semaphore(PER_MEMBER) for _ in urls]
 
     async def ask(m: int, i: int) -> int:
         request = GenerationRequest(
             messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
         )
-        return len(await members[m].generate(request))
+        async with gates[m]:
+            return len(await members[m].generate(request))
 
     try:
         got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(urls))))
@@ -295,7 +302,9 @@ def main() -> int:
         loop_name = EVENT_LOOP if args.loop == "auto" else args.loop
         print(
             f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"event loop {loop_name}, JSON {JSON_LIBRARY}; {MEMBERS} doubles in their own "
+            f"event loop {loop_name}, JSON {JSON_LIBRARY}, GC "
+            f"{'default' if os.environ.get('ENSEMBLE_ASYNC_GC') == 'default' else 'tuned'}; "
+            f"{MEMBERS} doubles in their own "
             f"processes, {args.latency * 1000:.0f} ms; N = {args.items:,}, {PER_MEMBER} "
             "in flight per member"
         )

@@ -88,9 +88,9 @@ def test_the_runner_uses_uvloop_when_installed_and_asyncio_when_asked() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
 
-    assert runner.run(loop_module(), loop="asyncio").startswith("asyncio")
+    assert runner.run(loop_module(), loop="asyncio", gc_tuning=False).startswith("asyncio")
     has_uvloop = runner.EVENT_LOOP == "uvloop"
-    auto = runner.run(loop_module())
+    auto = runner.run(loop_module(), gc_tuning=False)
     assert auto.startswith("uvloop") == has_uvloop
     forced = _python(
         """
@@ -116,6 +116,30 @@ def test_asking_for_uvloop_without_it_names_the_extra() -> None:
         """
     )
     assert "ensemble-async[fast]" in out
+
+
+def test_the_program_tunes_the_collector_and_the_library_does_not() -> None:
+    out = _python(
+        """
+        import gc, sys
+        from ensemble_async import Ensemble, cli, runner
+        before = gc.get_threshold()[0]
+        cli.main(["backends"])  # in-process, as a library user or a test calls it
+        assert gc.get_threshold()[0] == before and gc.get_freeze_count() == 0
+        assert runner.tune_gc()
+        print(gc.get_threshold()[0], gc.get_freeze_count() > 0)
+        """
+    )
+    assert out.splitlines()[-1] == f"{runner.GC_THRESHOLD} True"
+    kept = _python(
+        """
+        import gc
+        from ensemble_async import runner
+        print(runner.tune_gc(), gc.get_freeze_count())
+        """,
+        ENSEMBLE_ASYNC_GC="default",
+    )
+    assert kept == "False 0"
 
 
 def test_the_cli_runs_its_commands_on_the_runners_loop() -> None:
