@@ -315,7 +315,7 @@ class OpenAIBackend(BaseBackend):
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         chat = self._chat(request)
-        model = await self._model_id()
+        model = self._model if self._model is not None else await self._model_id()
 
         def nth(i: int) -> GenerationRequest:
             seed = None if request.seed is None else request.seed + i

@@ -283,9 +283,10 @@ class Member:
     def _watch_breaker(self) -> None:
         """Follow the breaker's state without hooking into the caller's object."""
         new = self.breaker.state
-        old, self._seen_breaker_state = self._seen_breaker_state, new
-        self.stats.breaker_state = str(new)
-        if new != old:
+        old = self._seen_breaker_state
+        if new is not old:
+            self._seen_breaker_state = new
+            self.stats.breaker_state = str(new)
             log.info("member %s: circuit %s -> %s", self.name, old, new)
 
     def _on_retry(self, event: RetryEvent) -> None:
@@ -335,8 +336,11 @@ class Member:
             # exit stack (this runs once per request; see bench/overhead.py).
             async with self.limiter.slot():
                 started = self._clock()
-                async with attempt_timeout(self.timeout_s, backend=self.name):
+                if self.timeout_s is None:
                     completions = await self.backend.generate(request)
+                else:
+                    async with attempt_timeout(self.timeout_s, backend=self.name):
+                        completions = await self.backend.generate(request)
                 return completions, self._clock() - started
         async with AsyncExitStack() as stack:
             estimate = await self._admit(stack, request)
