@@ -187,16 +187,28 @@ class RetryPolicy:
         ``fn`` times itself (see the module doc); ``on_retry`` is called before each wait.
         """
         started = self.clock()
-        # Fast path, kept here so the whole retry loop stays in this one function: the
-        # first attempt runs bare (no closures, no tenacity machinery, which is costly
-        # per call: bench/memory.py, bench/overhead.py); all of that is built only once
-        # a retry is really needed.
+        # Fast path: the first attempt runs bare (no closures, no tenacity machinery,
+        # which is costly per call: bench/memory.py, bench/overhead.py); all of that is
+        # built only once a retry is really needed.
         try:
             return await fn()
         except BaseException as exc:
             if not is_retryable(exc):
                 raise
             first_error = exc
+        return await self.run_after(first_error, fn, started=started, on_retry=on_retry)
+
+    async def run_after(
+        self,
+        first_error: BaseException,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        started: float,
+        on_retry: Callable[[RetryEvent], object] | None = None,
+    ) -> T:
+        """``run`` from its second attempt on: the caller made the first attempt itself
+        (started at ``self.clock()`` time ``started``), which failed with the retryable
+        ``first_error``.  For callers on a hot path that save the frames of ``run``."""
         deadline = started + self.max_total_s
 
         def give_up(attempt: int, error: BaseException) -> bool:
