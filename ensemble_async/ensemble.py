@@ -357,7 +357,11 @@ class Ensemble:
                             timer.cancel()
                     if not finished:  # the deadline passed
                         break
-                batch = sorted(finished, key=candidate_of.__getitem__)
+                batch = (
+                    finished.copy()
+                    if len(finished) == 1
+                    else sorted(finished, key=candidate_of.__getitem__)
+                )
                 finished.clear()
                 for task in batch:
                     remaining -= 1
@@ -488,11 +492,11 @@ class Ensemble:
                 result = await self.run(
                     item, item_index=index, key=item if key is None else key(item)
                 )
-                await outcomes.put(result)
+                outcomes.put_nowait(result)  # unbounded: the window bounds it
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await outcomes.put(exc)
+                outcomes.put_nowait(exc)
 
         async def feed() -> None:
             source = _aiter(items)

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from . import jsonio
 from .errors import (
@@ -203,7 +204,10 @@ class HTTPTransport:
         self.backend = backend
         self._session = session
         self._owns_session = session is None
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        # a CIMultiDict, as aiohttp keeps headers: it is not converted on every request
+        self._headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "application/json", **(headers or {})}
+        )
         self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
