@@ -7,8 +7,9 @@ answer after ``--latency`` seconds (20 ms).  The same ``--items`` chat prompts g
   ``aiohttp.ClientSession`` per member, an ``asyncio.Semaphore(64)`` each, one task per
   (item, member) posting the chat body and reading the answer's text; no consensus;
 * **Ensemble.map**: 3 members (``OpenAIBackend``, ``Member(concurrency=64)``), policy
-  ``exact``, consensus on, ``max_items_in_flight`` so that 64 requests per member can be
-  in flight, every result consumed.
+  ``exact``, consensus on, ``max_items_in_flight=128`` (so that every member can keep
+  its 64 requests in flight while some items wait for their slowest candidate), every
+  result consumed.
 
 Both run in one invocation, ``--rounds`` times, alternating which goes first; each
 round checks the servers' request counters (every request really went out, once).
@@ -205,7 +206,12 @@ async def ensemble_map(urls: list[str], items: int) -> int:
         for i in range(items)
     )
     got = 0
-    async with Ensemble(members, policy="exact", max_items_in_flight=PER_MEMBER) as ens:
+    # Each member keeps up to 64 requests in flight, as each semaphore of the bare loop
+    # does; the item window is twice that, so that an item waiting for its slowest
+    # candidate does not hold back the other members (the members' limits bound the
+    # requests, the window only the items held in memory).
+    window = 2 * PER_MEMBER
+    async with Ensemble(members, policy="exact", max_items_in_flight=window) as ens:
         async for result in ens.map(requests):
             got += sum(c.status == "ok" for c in result.candidates)
     return got
