@@ -32,7 +32,9 @@ if importlib.util.find_spec("ray") is None:
 
 import ray
 
+from ensemble_async.errors import BadRequestError, ConnectError
 from ensemble_async.ray import EnsembleMapper, RayBackend
+from ensemble_async.ray.coalesce import Coalescer
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +155,102 @@ async def test_a_killed_actor_is_restarted_and_its_requests_are_retried(
     assert len(results) == 60 and all(len(r) == 1 and r[0].text for r in results)
     assert after[0] != pids[0]  # Ray restarted the actor in a new process
     assert member.stats.snapshot()["retried"] >= 1  # in-flight requests were sent again
+
+
+class _Actor:
+    """Stands in for an actor behind a Coalescer: answers ``f"<payload>!"``, fails the
+    payloads named ``bad`` alone, fails a whole call carrying ``down``, and holds a call
+    carrying ``slow`` until released."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, Any]]] = []
+        self.cancelled: list[int] = []
+        self.release = asyncio.Event()
+        self.called = asyncio.Event()
+
+    async def send(self, batch: list[tuple[int, Any]]) -> list[Any]:
+        self.calls.append(batch)
+        self.called.set()
+        payloads = [p for _, p in batch]
+        if "slow" in payloads:
+            await self.release.wait()
+        if "down" in payloads:
+            return [ConnectError("actor died") for _ in batch]
+        return [BadRequestError("no") if p == "bad" else f"{p}!" for p in payloads]
+
+    def cancel(self, keys: list[int]) -> None:
+        self.cancelled.extend(keys)
+
+
+async def test_requests_of_one_tick_travel_as_one_call_each_with_its_own_outcome() -> None:
+    actor = _Actor()
+    queue = Coalescer(actor.send, actor.cancel, max_batch=4)
+    got = await asyncio.gather(
+        *(queue.submit(p) for p in ["a", "bad", "c", "d", "e", "f"]), return_exceptions=True
+    )
+    assert [len(call) for call in actor.calls] == [4, 2]  # one tick, split at max_batch
+    assert got[0] == "a!" and got[2:] == ["c!", "d!", "e!", "f!"]
+    assert isinstance(got[1], BadRequestError)  # only that request failed
+    down = await asyncio.gather(queue.submit("down"), queue.submit("x"), return_exceptions=True)
+    assert all(isinstance(e, ConnectError) for e in down)  # what the dead call held
+    assert await queue.submit("y") == "y!"  # and nothing else
+    assert queue.batches == 4
+
+
+async def test_a_cancelled_request_leaves_its_batch_and_is_stopped_at_the_actor() -> None:
+    actor = _Actor()
+    queue = Coalescer(actor.send, actor.cancel, window_s=60.0)
+    early = asyncio.create_task(queue.submit("early"))
+    await asyncio.sleep(0)  # let it queue
+    early.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    assert actor.calls == []  # not sent yet: taken out of the queue
+    queue.window_s = 0.0
+    held = [asyncio.create_task(queue.submit(p)) for p in ("slow", "other")]
+    await actor.called.wait()
+    key = actor.calls[0][1][0]
+    held[1].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held[1]
+    assert actor.cancelled == [key]  # the actor is told to stop that request alone
+    actor.release.set()
+    assert await held[0] == "slow!"
+
+
+async def test_close_fails_queued_and_in_flight_requests() -> None:
+    actor = _Actor()
+    queue = Coalescer(actor.send, actor.cancel)
+    held = asyncio.create_task(queue.submit("slow"))
+    await actor.called.wait()
+    await queue.aclose(lambda: ConnectError("closed"))
+    with pytest.raises(ConnectError):
+        await held
+
+
+async def test_concurrent_requests_share_actor_calls_and_keep_their_order(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    _, oai = doubles
+    backend = RayBackend(hosted_kind="openai", url=oai, replicas=2, num_cpus=0.5, name="batched")
+    async with Member(backend, concurrency=64) as member:
+        prompts = [f"item {i}" for i in range(48)]
+        got = await asyncio.gather(
+            *(member.generate(GenerationRequest(prompt=p, max_new_tokens=4)) for p in prompts)
+        )
+        loads = await backend.actor_loads()
+        calls = backend.batches()
+    from ensemble_async.backends.openai import OpenAIBackend
+
+    async with OpenAIBackend(oai, name="direct") as direct:
+        alone = [
+            (await direct.generate(GenerationRequest(prompt=p, max_new_tokens=4)))[0].text
+            for p in prompts
+        ]
+    assert [c[0].text for c in got] == alone  # each caller got its own answer
+    assert sum(n for _, n in loads) == 48 and all(n > 0 for _, n in loads)  # both actors
+    assert 2 <= calls < 48  # fewer actor calls than requests
+    assert sum(b for b, _ in loads) == calls
 
 
 def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple[str, str]) -> None:
