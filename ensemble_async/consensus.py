@@ -282,6 +282,10 @@ class IncrementalSelector:
     decides early on fewer, so ``"exact"`` still decides exactly what waiting for
     everyone gives; once unavailable candidates leave too few possible, that rule is
     decided at once.
+
+    ``finalize_complete=True``: the decision on a complete set of candidates is left to
+    :meth:`finalize` (not made inside :meth:`add`/:meth:`fail`), so the caller may run it
+    elsewhere, e.g. on a copy in another process: a selector pickles with its state.
     """
 
     def __init__(
@@ -295,6 +299,7 @@ class IncrementalSelector:
         quorum: int = 2,
         agreement: float = 1.0,
         min_candidates: int | None = None,
+        finalize_complete: bool = False,
     ) -> None:
         if n_expected < 0:
             raise ValueError("n_expected must be >= 0")
@@ -315,6 +320,7 @@ class IncrementalSelector:
         self.quorum = quorum
         self.agreement = agreement
         self.min_candidates = min_candidates
+        self.finalize_complete = finalize_complete
         self._texts: dict[int, str] = {}
         self._norms: dict[int, str] = {}
         self._failed: set[int] = set()
@@ -410,7 +416,8 @@ class IncrementalSelector:
     def _update(self) -> Decision | None:
         missing = self.missing
         if not missing:
-            self._decision = self._batch(early=False)
+            if not self.finalize_complete:
+                self._decision = self._batch(early=False)
         elif self.min_candidates is not None and self._answered() < self.min_candidates:
             if self._answered() + len(missing) < self.min_candidates:
                 self._decision = self._batch(early=True)  # too few can still come

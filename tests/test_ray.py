@@ -35,6 +35,7 @@ import ray
 from ensemble_async.errors import BadRequestError, ConnectError
 from ensemble_async.ray import EnsembleMapper, RayBackend
 from ensemble_async.ray.coalesce import Coalescer
+from ensemble_async.ray.consensus import RayConsensus
 
 pytestmark = pytest.mark.slow
 
@@ -251,6 +252,39 @@ async def test_concurrent_requests_share_actor_calls_and_keep_their_order(
     assert sum(n for _, n in loads) == 48 and all(n > 0 for _, n in loads)  # both actors
     assert 2 <= calls < 48  # fewer actor calls than requests
     assert sum(b for b, _ in loads) == calls
+
+
+async def test_consensus_decided_by_actors_is_the_decision_made_here(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    from ensemble_async.backends.openai import OpenAIBackend
+    from ensemble_async.backends.tgi import TGIBackend
+
+    tgi, oai = doubles
+    items = [f"Write a sentence about topic {i}." for i in range(24)]
+    # Two equal given candidates (a shortcut), an empty one, one that disagrees.
+    texts = [("Same answer.", "same answer"), ("", "x"), ("a sentence", "about a topic")]
+    given = [[("g1", texts[i % 3][0]), ("g2", texts[i % 3][1])] for i in range(24)]
+
+    async def decisions(decide: RayConsensus | None) -> list[dict[str, Any]]:
+        members = [TGIBackend(tgi, name="tgi"), OpenAIBackend(oai, name="vllm")]
+        async with Ensemble(members, decide=decide) as ensemble:
+            results = await asyncio.gather(
+                *(ensemble.run(p, given=g) for p, g in zip(items, given, strict=True))
+            )
+        return [r.decision.to_dict() for r in results]
+
+    expected = await decisions(None)
+    consensus = RayConsensus(actors=2, num_cpus=0.5, max_in_flight=8)
+    try:
+        got = await decisions(consensus)
+        stats = await consensus.stats()
+    finally:
+        await consensus.aclose()
+    assert got == expected
+    assert len({r["rule"] for r in expected}) > 1  # more than one kind of decision
+    assert sum(n for _, n in stats) == len(items) and consensus.in_driver == 0
+    assert all(pid != os.getpid() for pid, _ in stats)  # decided in the actors
 
 
 def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple[str, str]) -> None:
