@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +160,9 @@ async def test_a_killed_actor_is_restarted_and_its_requests_are_retried(
 
 class _Actor:
     """Stands in for an actor behind a Coalescer: answers ``f"<payload>!"``, fails the
-    payloads named ``bad`` alone, fails a whole call carrying ``down``, and holds a call
-    carrying ``slow`` until released."""
+    payloads named ``bad`` alone, ends a call carrying ``down`` before answering the
+    rest (as a dead actor does), and holds the answer to ``slow`` until released while
+    the rest of its call streams back."""
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[int, Any]]] = []
@@ -169,23 +170,27 @@ class _Actor:
         self.release = asyncio.Event()
         self.called = asyncio.Event()
 
-    async def send(self, batch: list[tuple[int, Any]]) -> list[Any]:
+    async def send(self, batch: list[tuple[int, Any]]) -> AsyncIterator[tuple[int, Any]]:
         self.calls.append(batch)
         self.called.set()
-        payloads = [p for _, p in batch]
-        if "slow" in payloads:
-            await self.release.wait()
-        if "down" in payloads:
-            return [ConnectError("actor died") for _ in batch]
-        return [BadRequestError("no") if p == "bad" else f"{p}!" for p in payloads]
+        for key, payload in sorted(batch, key=lambda e: e[1] == "slow"):
+            if payload == "down":
+                return
+            if payload == "slow":
+                await self.release.wait()
+            yield key, BadRequestError("no") if payload == "bad" else f"{payload}!"
 
     def cancel(self, keys: list[int]) -> None:
         self.cancelled.extend(keys)
 
 
+def _queue(actor: _Actor, **options: Any) -> Coalescer:
+    return Coalescer(actor.send, actor.cancel, lost=lambda: ConnectError("lost"), **options)
+
+
 async def test_requests_of_one_tick_travel_as_one_call_each_with_its_own_outcome() -> None:
     actor = _Actor()
-    queue = Coalescer(actor.send, actor.cancel, max_batch=4)
+    queue = _queue(actor, max_batch=4)
     got = await asyncio.gather(
         *(queue.submit(p) for p in ["a", "bad", "c", "d", "e", "f"]), return_exceptions=True
     )
@@ -198,9 +203,20 @@ async def test_requests_of_one_tick_travel_as_one_call_each_with_its_own_outcome
     assert queue.batches == 4
 
 
+async def test_a_slow_request_holds_back_no_other_of_its_call() -> None:
+    actor = _Actor()
+    queue = _queue(actor)
+    slow = asyncio.create_task(queue.submit("slow"))
+    quick = asyncio.create_task(queue.submit("quick"))
+    assert await quick == "quick!"
+    assert not slow.done() and len(actor.calls) == 1  # same call, answered apart
+    actor.release.set()
+    assert await slow == "slow!"
+
+
 async def test_a_cancelled_request_leaves_its_batch_and_is_stopped_at_the_actor() -> None:
     actor = _Actor()
-    queue = Coalescer(actor.send, actor.cancel, window_s=60.0)
+    queue = _queue(actor, window_s=60.0)
     early = asyncio.create_task(queue.submit("early"))
     await asyncio.sleep(0)  # let it queue
     early.cancel()
@@ -210,21 +226,20 @@ async def test_a_cancelled_request_leaves_its_batch_and_is_stopped_at_the_actor(
     queue.window_s = 0.0
     held = [asyncio.create_task(queue.submit(p)) for p in ("slow", "other")]
     await actor.called.wait()
-    key = actor.calls[0][1][0]
-    held[1].cancel()
+    key = actor.calls[0][0][0]
+    held[0].cancel()
     with pytest.raises(asyncio.CancelledError):
-        await held[1]
+        await held[0]
     assert actor.cancelled == [key]  # the actor is told to stop that request alone
-    actor.release.set()
-    assert await held[0] == "slow!"
+    assert await held[1] == "other!"
 
 
 async def test_close_fails_queued_and_in_flight_requests() -> None:
     actor = _Actor()
-    queue = Coalescer(actor.send, actor.cancel)
+    queue = _queue(actor)
     held = asyncio.create_task(queue.submit("slow"))
     await actor.called.wait()
-    await queue.aclose(lambda: ConnectError("closed"))
+    await queue.aclose()
     with pytest.raises(ConnectError):
         await held
 

@@ -6,10 +6,11 @@ an object reference to await, a result to fetch), whatever it carries.  A
 payloads; those submitted in the same event-loop tick (or within ``window_s``), up to
 ``max_batch``, are sent with one ``send`` and each caller awaits only its own result.
 
-The per-request contract stays whole: ``send`` returns one outcome per payload, a value
-or an exception instance, and only that payload's caller sees it (one failed request in a
-batch fails only that request; a batch that fails as a whole, e.g. a dead actor, fails
-exactly the requests it held).  A caller cancelled before its payload was sent takes it
+The per-request contract stays whole: ``send`` yields ``(key, outcome)`` for each payload
+as soon as it is ready (in any order), the outcome a value or an exception instance, and
+only that payload's caller sees it, as soon as ``send`` yields it: one failed request in
+a batch fails only that request.  The payloads a call never answered (it
+failed as a whole, e.g. a dead actor) get ``lost()``: exactly the requests it held.  A caller cancelled before its payload was sent takes it
 out of the queue; one cancelled after gets ``cancel([key])`` so the actor can stop that
 request alone.  Knows nothing of Ray: :mod:`ensemble_async.ray.backend` supplies ``send``
 and ``cancel``.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ __all__ = ["Coalescer", "Outcome", "Send"]
 Outcome = Any
 """What ``send`` returns per payload: a value, or an exception instance to raise."""
 
-Send = Callable[[list[tuple[int, Any]]], Awaitable[Sequence[Outcome]]]
+Send = Callable[[list[tuple[int, Any]]], AsyncIterator[tuple[int, Outcome]]]
 
 
 @dataclass
@@ -42,9 +43,9 @@ class _Waiting:
 class Coalescer:
     """One actor's request queue (see the module docstring).
 
-    ``send(batch)``: ``batch`` is ``[(key, payload), ...]``; returns one outcome per entry
-    in the same order and never raises for one entry's sake (a failure of the whole call
-    is returned as a fresh exception per entry).  ``cancel(keys)``: fire-and-forget.
+    ``send(batch)``: ``batch`` is ``[(key, payload), ...]``; yields ``(key, outcome)``
+    pairs and never raises for one entry's sake.  ``cancel(keys)``: fire-and-forget.
+    ``lost()``: a fresh error for each payload a call ended without answering.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class Coalescer:
         send: Send,
         cancel: Callable[[list[int]], None],
         *,
+        lost: Callable[[], BaseException],
         window_s: float = 0.0,
         max_batch: int = 64,
     ) -> None:
@@ -61,12 +63,13 @@ class Coalescer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._send = send
         self._cancel = cancel
+        self._lost = lost
         self.window_s = window_s
         self.max_batch = max_batch
         self._keys = itertools.count()
         self._queue: list[_Waiting] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
-        self._calls: dict[asyncio.Task[None], list[_Waiting]] = {}
+        self._calls: set[asyncio.Task[None]] = set()
         self.batches = 0
         """Calls sent so far (for tests and the bench)."""
 
@@ -101,40 +104,36 @@ class Coalescer:
             for waiting in batch:
                 waiting.sent = True
             call = asyncio.get_running_loop().create_task(self._call(batch))
-            self._calls[call] = batch
-            call.add_done_callback(self._forget)
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
             self.batches += 1
 
-    def _forget(self, call: asyncio.Task[None]) -> None:
-        self._calls.pop(call, None)
-
     async def _call(self, batch: list[_Waiting]) -> None:
+        open_ = {w.key: w for w in batch}
         try:
-            outcomes = await self._send([(w.key, w.payload) for w in batch])
-        except Exception as exc:  # a broken send must not leave callers waiting
-            outcomes = [exc] * len(batch)
-        for waiting, outcome in zip(batch, outcomes, strict=True):
-            if waiting.future.done():  # its caller was cancelled
-                continue
-            if isinstance(outcome, BaseException):
-                waiting.future.set_exception(outcome)
-            else:
-                waiting.future.set_result(outcome)
+            async for key, outcome in self._send([(w.key, w.payload) for w in batch]):
+                waiting = open_.pop(key, None)
+                if waiting is None or waiting.future.done():  # its caller was cancelled
+                    continue
+                if isinstance(outcome, BaseException):
+                    waiting.future.set_exception(outcome)
+                else:
+                    waiting.future.set_result(outcome)
+        finally:  # whatever the call did not answer is lost, never left waiting
+            for waiting in open_.values():
+                if not waiting.future.done():
+                    waiting.future.set_exception(self._lost())
 
-    async def aclose(self, error: Callable[[], BaseException]) -> None:
-        """Fail what is queued with ``error()`` and stop the calls in flight."""
+    async def aclose(self) -> None:
+        """Fail what is queued or in flight with ``lost()`` and stop the calls."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         queued, self._queue = self._queue, []
         for waiting in queued:
             if not waiting.future.done():
-                waiting.future.set_exception(error())
-        calls = dict(self._calls)
+                waiting.future.set_exception(self._lost())
+        calls = list(self._calls)
         for call in calls:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
-        for batch in calls.values():
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_exception(error())

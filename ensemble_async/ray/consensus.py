@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,12 @@ class RayConsensus:
             pool.append(
                 _Decider(
                     actor,
-                    Coalescer(_sender(actor), actor.cancel.remote, max_batch=self.max_batch),
+                    Coalescer(
+                        _sender(actor),
+                        actor.cancel.remote,
+                        lost=lambda: ConnectError("consensus actor unavailable"),
+                        max_batch=self.max_batch,
+                    ),
                 )
             )
         return pool
@@ -160,17 +166,20 @@ class RayConsensus:
         self._closed = True
         pool, self._pool = self._pool, []
         for decider in pool:
-            await decider.queue.aclose(lambda: ConnectError("ray consensus closed"))
+            await decider.queue.aclose()
         await asyncio.to_thread(_kill_all, [d.actor for d in pool])
 
 
 def _sender(actor: Any) -> Any:
-    async def send(batch: list[tuple[int, IncrementalSelector]]) -> list[Any]:
+    async def send(
+        batch: list[tuple[int, IncrementalSelector]],
+    ) -> AsyncIterator[tuple[int, Any]]:
         try:
             got: list[Any] = await actor.decide_many.remote(batch)
-        except ray.exceptions.RayError as exc:
-            return [ConnectError(f"consensus actor failed: {type(exc).__name__}") for _ in batch]
-        return got
+        except ray.exceptions.RayError:
+            return  # all lost: decided in the driver instead
+        for (key, _), outcome in zip(batch, got, strict=True):
+            yield key, outcome
 
     return send
 

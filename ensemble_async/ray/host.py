@@ -43,7 +43,8 @@ class BackendHost:
     async def generate_many(
         self, batch: list[tuple[int, GenerationRequest]]
     ) -> list[list[Completion] | BaseException]:
-        """Each ``(key, request)`` generated on its own; outcomes in batch order."""
+        """Each ``(key, request)`` generated on its own; outcomes in batch order (the
+        completions, or the error it raised)."""
         self.batches += 1
         self.requests += len(batch)
         tasks = [asyncio.create_task(self._backend.generate(request)) for _, request in batch]
