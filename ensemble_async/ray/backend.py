@@ -40,7 +40,7 @@ from ..backend import BaseBackend
 from ..errors import BackendError, ConnectError, ServerError
 from ..scoring import CompletionScore, ScoreRequest
 from ..types import BackendInfo, Completion, GenerationRequest, Health
-from .coalesce import Coalescer
+from .coalesce import Coalescer, Send
 from .host import BackendHost, renamed
 
 __all__ = ["RayBackend", "ensure_ray"]
@@ -144,7 +144,7 @@ class RayBackend(BaseBackend):
             )
         return pool
 
-    def _sender(self, replica: _Replica) -> Any:
+    def _sender(self, replica: _Replica) -> Send:
         async def send(
             batch: list[tuple[int, GenerationRequest]],
         ) -> AsyncIterator[tuple[int, Any]]:

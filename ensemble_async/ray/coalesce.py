@@ -7,13 +7,14 @@ payloads; those submitted in the same event-loop tick (or within ``window_s``), 
 ``max_batch``, are sent with one ``send`` and each caller awaits only its own result.
 
 The per-request contract stays whole: ``send`` yields ``(key, outcome)`` for each payload
-as soon as it is ready (in any order), the outcome a value or an exception instance, and
-only that payload's caller sees it, as soon as ``send`` yields it: one failed request in
-a batch fails only that request.  The payloads a call never answered (it
-failed as a whole, e.g. a dead actor) get ``lost()``: exactly the requests it held.  A caller cancelled before its payload was sent takes it
-out of the queue; one cancelled after gets ``cancel([key])`` so the actor can stop that
-request alone.  Knows nothing of Ray: :mod:`ensemble_async.ray.backend` supplies ``send``
-and ``cancel``.
+(in any order), the outcome a value or an exception instance, and only that payload's
+caller sees it, as soon as ``send`` yields it: one failed request in a batch fails only
+that request.  The payloads a call never answered (it failed as a whole, e.g. a dead
+actor) get ``lost()``: exactly the requests it held.  A caller cancelled before its
+payload was sent takes it out of the queue; one cancelled after gets ``cancel([key])``
+so the actor can stop that request alone.  Knows nothing of Ray:
+:mod:`ensemble_async.ray.backend` and :mod:`ensemble_async.ray.consensus` supply ``send``,
+``cancel`` and ``lost``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import ray.exceptions
 from ..consensus import Decision, IncrementalSelector
 from ..errors import ConnectError
 from .backend import ensure_ray
-from .coalesce import Coalescer
+from .coalesce import Coalescer, Send
 
 __all__ = ["ConsensusHost", "RayConsensus"]
 
@@ -170,7 +170,7 @@ class RayConsensus:
         await asyncio.to_thread(_kill_all, [d.actor for d in pool])
 
 
-def _sender(actor: Any) -> Any:
+def _sender(actor: Any) -> Send:
     async def send(
         batch: list[tuple[int, IncrementalSelector]],
     ) -> AsyncIterator[tuple[int, Any]]:
