@@ -398,7 +398,8 @@ async def test_a_decide_hook_makes_the_complete_decision_and_early_ones_stay_her
 
     async def elsewhere(selector: IncrementalSelector) -> Decision:
         shipped.append(selector)
-        return pickle.loads(pickle.dumps(selector)).finalize()  # as another process would
+        copy: IncrementalSelector = pickle.loads(pickle.dumps(selector))  # as elsewhere
+        return copy.finalize()
 
     def members() -> list[Fake]:
         return [Fake("a", lambda p: p + " one"), Fake("b", lambda p: p), Fake("c", const("z"))]
