@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,10 +47,16 @@ from .host import BackendHost, renamed
 __all__ = ["RayBackend", "ensure_ray"]
 
 
+_INIT = threading.Lock()
+
+
 def ensure_ray(address: str | None = None, **init_options: Any) -> None:
-    """Connect to (or start) Ray unless this process already did.  Blocking."""
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, **init_options)
+    """Connect to (or start) Ray unless this process already did.  Blocking; safe to call
+    from several threads at once (backends start their actors off the event loop, and
+    two racing ``ray.init`` calls would start two local clusters)."""
+    with _INIT:
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, **init_options)
 
 
 @dataclass

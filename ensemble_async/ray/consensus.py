@@ -73,14 +73,17 @@ class RayConsensus:
     """A pool of ``actors`` :class:`ConsensusHost` actors (see the module docstring).
 
     Call it with a selector to get its decision.  ``address``: as for ``ray.init``
-    (``None``: the running Ray, else a new local one).  Close with :meth:`aclose`.
+    (``None``: the running Ray, else a new local one).  ``num_cpus``: what each actor
+    reserves; none by default, as a decision takes milliseconds and reserving a core
+    could leave a small cluster without room for the members' actors.  Close with
+    :meth:`aclose`.
     """
 
     def __init__(
         self,
         *,
         actors: int = 2,
-        num_cpus: float = 1.0,
+        num_cpus: float = 0.0,
         max_in_flight: int = 256,
         max_batch: int = 64,
         address: str | None = None,
