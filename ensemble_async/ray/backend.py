@@ -48,6 +48,8 @@ __all__ = ["RayBackend", "ensure_ray"]
 
 
 _INIT = threading.Lock()
+CLOSE_TIMEOUT_S = 10.0
+"""How long ``aclose`` lets each actor close its hosted backend before killing it."""
 
 
 def ensure_ray(address: str | None = None, **init_options: Any) -> None:
@@ -299,8 +301,9 @@ class RayBackend(BaseBackend):
             if replica.queue is not None:
                 await replica.queue.aclose()
         for replica in pool:
-            with contextlib.suppress(BackendError):
-                await self._call(replica, "close")
+            # Bounded: an actor the cluster never found room for would not answer.
+            with contextlib.suppress(BackendError, TimeoutError):
+                await asyncio.wait_for(self._call(replica, "close"), CLOSE_TIMEOUT_S)
         await asyncio.to_thread(_kill_all, [r.actor for r in pool])
 
 
