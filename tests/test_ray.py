@@ -302,6 +302,31 @@ async def test_consensus_decided_by_actors_is_the_decision_made_here(
     assert all(pid != os.getpid() for pid, _ in stats)  # decided in the actors
 
 
+async def test_items_of_a_dead_consensus_actor_are_decided_in_the_driver_the_same_way(
+    cluster: None,
+) -> None:
+    from ensemble_async.consensus import IncrementalSelector
+
+    texts = [["The cat sat.", "A cat sat", "Dogs bark"], ["x y", "x y z", ""], ["a", "A!"]]
+
+    def selector(candidates: list[str]) -> IncrementalSelector:
+        chosen = IncrementalSelector(len(candidates), finalize_complete=True)
+        for i, text in enumerate(candidates):
+            chosen.add(i, text)
+        return chosen
+
+    consensus = RayConsensus(actors=1, max_in_flight=2)
+    try:
+        await consensus.start()
+        for decider in consensus._pool:  # the actor dies for good
+            ray.kill(decider.actor, no_restart=True)
+        got = [await consensus(selector(t)) for t in texts]
+    finally:
+        await consensus.aclose()
+    assert got == [selector(t).finalize() for t in texts]
+    assert consensus.in_driver == len(texts)
+
+
 def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple[str, str]) -> None:
     tgi, oai = doubles
     members: list[dict[str, Any]] = [
