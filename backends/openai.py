@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -62,7 +63,7 @@ from ensemble_async.errors import (
 )
 from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, HTTPTransport, error_message
 from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
-from ensemble_async.scrub import scrubbed_errors
+from ensemble_async.scrub import scrub_exception, scrubbed_errors
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.types import (
     BackendInfo,
@@ -294,12 +295,9 @@ class OpenAIBackend(BaseBackend):
 
     async def _once(self, request: GenerationRequest, chat: bool, model: str) -> list[Completion]:
         start = time.perf_counter()
-        with self._scrubbed():
-
-            async def call(body: dict[str, Any], vendor: dict[str, Any]) -> Any:
-                return await self._wire.create(chat, body, vendor)
-
-            data = await self._negotiated(call, request, model, chat)
+        # Once per request: the scrubbing of ``_scrubbed`` as a plain ``except``.
+        try:
+            data = await self._negotiated(partial(self._wire.create, chat), request, model, chat)
             return parse_response(
                 data,
                 chat=chat,
@@ -310,10 +308,14 @@ class OpenAIBackend(BaseBackend):
                 scrubber=self._scrubber,
                 max_completion_chars=self.max_completion_chars,
             )
+        except Exception as exc:
+            if self._scrubber:
+                scrub_exception(exc, self._scrubber)
+            raise
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         chat = self._chat(request)
-        model = await self._model_id()
+        model = self._model if self._model is not None else await self._model_id()
 
         def nth(i: int) -> GenerationRequest:
             seed = None if request.seed is None else request.seed + i

@@ -30,7 +30,6 @@ Facts this adapter relies on (see PROTOCOLS.md):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
@@ -53,7 +52,7 @@ from ensemble_async.errors import (
 )
 from ensemble_async.http import DEFAULT_MAX_RESPONSE_BYTES, HTTPTransport, error_message
 from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
-from ensemble_async.scrub import ScrubHoldback, scrubbed_errors
+from ensemble_async.scrub import ScrubHoldback, scrub_exception, scrubbed_errors
 from ensemble_async.secret import Secret, resolve_key
 from ensemble_async.stops import StopHoldback, cut_at_stop
 from ensemble_async.types import (
@@ -199,10 +198,17 @@ class TGIBackend(BaseBackend):
             )
 
     def _completion(
-        self, text: Any, details: Any, request: GenerationRequest, started: float
+        self,
+        text: Any,
+        details: Any,
+        request: GenerationRequest,
+        started: float,
+        headers: Mapping[str, str] | None = None,
     ) -> Completion:
         """The final completion from ``generated_text`` and ``details``, every field
-        type-checked, the text cut at its first stop string and scrubbed."""
+        type-checked, the text cut at its first stop string and scrubbed.  The prompt's
+        token count comes from ``details`` or else from TGI's ``x-prompt-tokens`` answer
+        header (plain /generate reports it only there)."""
         if not isinstance(text, str) or not isinstance(details, dict):
             raise MalformedResponseError(
                 "TGI answer lacks generated_text or details", backend=self.name
@@ -227,6 +233,9 @@ class TGIBackend(BaseBackend):
             raise self._malformed("details.prefill", prefill)
         if prompt_tokens is None and prefill:
             prompt_tokens = len(prefill)
+        if prompt_tokens is None and headers:
+            value = headers.get("x-prompt-tokens", "")
+            prompt_tokens = int(value) if value.isdigit() else None
         text, stopped = cut_at_stop(text, request.stop)
         return Completion(
             text=self._scrubber.scrub(text),
@@ -252,7 +261,7 @@ class TGIBackend(BaseBackend):
             payload["stream"] = False
             # POST / returns the prompt too unless told otherwise (text-generation models)
             payload["parameters"].setdefault("return_full_text", False)
-        headers: dict[str, str] = {}
+        headers = {"x-prompt-tokens": ""}
         try:
             data = await self._http.post_json(
                 "/" if self._endpoint == "compat" else "/generate",
@@ -265,8 +274,9 @@ class TGIBackend(BaseBackend):
             data = data[0]
         if not isinstance(data, dict):
             raise MalformedResponseError("TGI answer is not a JSON object", backend=self.name)
-        done = self._completion(data.get("generated_text"), data.get("details"), request, started)
-        return _with_prompt_tokens(done, headers)
+        return self._completion(
+            data.get("generated_text"), data.get("details"), request, started, headers
+        )
 
     def _chat_payload(
         self, request: GenerationRequest, seed: int | None, stream: bool
@@ -323,8 +333,10 @@ class TGIBackend(BaseBackend):
             raise _refine(exc) from exc
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
-        with self._scrubbed():
-            await self._check_stops(request)
+        # Once per request: the scrubbing of ``_scrubbed`` as a plain ``except``.
+        try:
+            if request.stop:
+                await self._check_stops(request)
             if request.n == 1:
                 return [await self._generate_one(request, request.seed)]
 
@@ -336,6 +348,10 @@ class TGIBackend(BaseBackend):
                 return await gather_n(request.n, [], one_more)
             except BaseExceptionGroup as group:
                 raise _first_leaf(group) from None
+        except Exception as exc:
+            if self._scrubber:
+                scrub_exception(exc, self._scrubber)
+            raise
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.n != 1:
@@ -596,15 +612,6 @@ def _refine(exc: BadRequestError) -> BadRequestError:
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _with_prompt_tokens(done: Completion, headers: Mapping[str, str]) -> Completion:
-    """``done`` with the prompt's token count from TGI's ``x-prompt-tokens`` header when
-    the answer itself did not say (plain /generate reports it only there)."""
-    if done.prompt_tokens is not None:
-        return done
-    value = headers.get("x-prompt-tokens", "")
-    return dataclasses.replace(done, prompt_tokens=int(value)) if value.isdigit() else done
 
 
 def _first_covering(texts: list[str], length: int) -> int:

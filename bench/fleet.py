@@ -39,8 +39,14 @@ import aiohttp
 
 from ensemble_async.ensemble import Ensemble
 from ensemble_async.member import Member
+from ensemble_async.pipeline import Pipeline
+from ensemble_async.presets import PipelineSettings
 from ensemble_async.registry import create_backend
 from ensemble_async.replicas import ReplicaSet, replica_label
+from ensemble_async.runner import run
+from ensemble_async.seedtasks import load_seed_tasks
+from ensemble_async.sink import MemoryRecordSink
+from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.tgi_double import TGIDouble
 
 BODY = {"inputs": "item", "parameters": {"max_new_tokens": 16, "do_sample": False}}
@@ -49,9 +55,17 @@ BODY = {"inputs": "item", "parameters": {"max_new_tokens": 16, "do_sample": Fals
 # -- the server side: many doubles in one process, driven by commands on stdin -----------
 
 
-async def serve(count: int, latency: float) -> None:
-    """Start ``count`` doubles, print their URLs, then obey ``kill I`` / ``slow I F``."""
-    doubles = [TGIDouble(latency=latency, max_concurrent_requests=512) for _ in range(count)]
+async def serve(count: int, latency: float, names: Sequence[str] = ()) -> None:
+    """Start ``count`` doubles, print their URLs, then obey ``kill I`` / ``slow I F``.
+    ``names``: double ``i`` answers like the Ensemble-Instruct LM ``names[i]``."""
+    doubles = [
+        TGIDouble(
+            latency=latency,
+            max_concurrent_requests=512,
+            responder=EIResponder(names[i]) if names else None,
+        )
+        for i in range(count)
+    ]
     for double in doubles:
         await double.start()
     print(" ".join(d.url for d in doubles), flush=True)
@@ -76,13 +90,22 @@ class Fleet:
     where: list[tuple[int, int]] = field(default_factory=list)  # url -> (proc, index)
 
     @classmethod
-    def start(cls, total: int, procs: int, latency: float) -> Fleet:
+    def start(cls, total: int, procs: int, latency: float, names: Sequence[str] = ()) -> Fleet:
         fleet = cls()
         per = -(-total // procs)
         for p in range(procs):
             count = min(per, total - p * per)
+            mine = ["--names", ",".join(names[p * per : p * per + count])] if names else []
             proc = subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(count), "--latency", str(latency)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve",
+                    str(count),
+                    "--latency",
+                    str(latency),
+                    *mine,
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -203,6 +226,44 @@ async def ensemble_map(
     return MapRun(Outcome(name, requests, wall, cpu), per_replica, lost, failed, after)
 
 
+async def pipeline_run(fleet: Fleet, args: argparse.Namespace) -> tuple[Outcome, int, str]:
+    """The generate pipeline with a writer and two answerers of ``--replicas`` replicas
+    each: (requests/s and CPU per request, records kept, load spread over replicas)."""
+    groups = [fleet.urls[m * args.replicas : (m + 1) * args.replicas] for m in range(3)]
+    names = ["writer", "a1", "a2"]
+    backends = [
+        create_backend("tgi", urls=urls, name=name, timeout=30)
+        for name, urls in zip(names, groups, strict=True)
+    ]
+    sets = [b for b in backends if isinstance(b, ReplicaSet)]
+    members = [Member(b, concurrency=args.in_flight) for b in backends]
+    half = args.pipeline // 2
+    settings = PipelineSettings.preset(
+        "default", targets={"input_output": args.pipeline - half, "output": half}
+    )
+    sink = MemoryRecordSink()
+    try:
+        for m in members:
+            await m.start()
+        pipeline = Pipeline(
+            writer=members[0],
+            answerers=members[1:],
+            seeds=load_seed_tasks(),
+            settings=settings,
+            sink=sink,
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        summary = await pipeline.run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        for m in members:
+            await m.aclose()
+    per_replica = _per_replica(sets)
+    requests = sum(per_replica.values())
+    outcome = Outcome("pipeline (generate)", requests, wall, cpu)
+    return outcome, summary.records_written, spread(per_replica)
+
+
 def fault_plan(groups: Sequence[Sequence[str]]) -> tuple[list[str], list[str]]:
     """The 4 replicas that die and the 2 that slow down (distinct, spread over members)."""
 
@@ -267,6 +328,8 @@ async def client(args: argparse.Namespace) -> int:
             f"after the faults: healthy replicas got a median of {median:.0f} requests, "
             f"the two 5x-slower ones {slow_counts[0]} and {slow_counts[1]} ({share:.2f}x)"
         )
+        if args.pipeline:
+            await fleet_pipeline(args)
         ok = (
             clean.outcome.rate >= 0.8 * base.rate
             and clean.outcome.cpu_us <= 100
@@ -281,6 +344,26 @@ async def client(args: argparse.Namespace) -> int:
         fleet.stop()
 
 
+async def fleet_pipeline(args: argparse.Namespace) -> None:
+    """A fleet of EI-like doubles (writer, a1, a2 x ``--replicas``) and one pipeline run,
+    next to a raw aiohttp loop sending as many requests to the same fleet."""
+    names = [n for n in ("writer", "a1", "a2") for _ in range(args.replicas)]
+    fleet = Fleet.start(len(names), args.procs, args.latency, names)
+    try:
+        outcome, kept, load = await pipeline_run(fleet, args)
+        base = await raw_aiohttp(fleet.urls, outcome.requests, args.in_flight * 3)
+        print(
+            f"\npipeline: {args.pipeline:,} instructions asked, {kept:,} records kept, "
+            f"{outcome.wall_s:.1f} s"
+        )
+        print(f"{'client':<28} {'requests':>9} {'req/s':>9} {'vs raw':>7} {'cpu us/req':>10}")
+        print(row(base, None))
+        print(row(outcome, base))
+        print(f"load per replica, pipeline: {load}")
+    finally:
+        fleet.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--items", type=int, default=100_000, help="items (100000)")
@@ -289,13 +372,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="server processes (4)")
     parser.add_argument("--latency", type=float, default=0.02, help="service time (0.02 s)")
     parser.add_argument("--in-flight", type=int, default=128, help="items in flight (128)")
+    parser.add_argument(
+        "--pipeline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the generate pipeline for N instructions on an EI-like fleet",
+    )
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
+        names = args.names.split(",") if args.names else []
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.serve, args.latency))
+            asyncio.run(serve(args.serve, args.latency, names))
         return 0
-    return asyncio.run(client(args))
+    return run(client(args))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,11 @@ class _Slot:
         self._permit: _Permit | None = None
 
     async def __aenter__(self) -> None:
-        self._permit = await self._pool._acquire()
+        pool = self._pool
+        if not pool._waiters and pool._in_flight < pool._limit:  # free: no coroutine
+            self._permit = pool._grant()
+        else:
+            self._permit = await pool._acquire()
 
     async def __aexit__(
         self,

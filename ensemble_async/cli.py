@@ -83,6 +83,8 @@ from .member import Member
 from .progress import Mode, Progress
 from .records import RecordFileError
 from .registry import ALIASES, backend_kinds
+from .runner import run as run_loop
+from .runner import tune_gc
 from .seedtasks import SeedTask
 from .types import ChatMessage, GenerationRequest
 
@@ -118,8 +120,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run`` with SIGTERM cancelling the main task (like Ctrl-C does), so the
-    run unwinds through its ``async with`` blocks; ``asyncio.CancelledError`` comes out."""
+    """``runner.run`` (uvloop's event loop when installed) with SIGTERM cancelling the
+    main task (like Ctrl-C does), so the run unwinds through its ``async with`` blocks;
+    ``asyncio.CancelledError`` comes out."""
 
     async def guarded() -> _T:
         loop = asyncio.get_running_loop()
@@ -139,7 +142,7 @@ def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
                 with contextlib.suppress(ValueError):
                     signal.signal(signal.SIGTERM, _on_sigterm)
 
-    return asyncio.run(guarded())
+    return run_loop(guarded(), gc_tuning=False)  # the program's entry tunes it, once
 
 
 # ----------------------------------------------------------------------------- ask
@@ -701,5 +704,12 @@ def _records_exit(exc: RecordFileError) -> int:
     return EXIT_OUTPUT
 
 
+def entry() -> int:
+    """The program (``python -m ensemble_async``, the ``ensemble-async`` script): the
+    collector tuned for a client once (``runner.tune_gc``), then ``main``."""
+    tune_gc()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .rouge import rouge_l
+from .rouge import fmeasure, lcs_length, rouge_l, tokenize
 
 __all__ = [
     "RULES",
@@ -133,19 +133,66 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> None:
             raise ValueError(f"weights must be finite and >= 0, got {w!r}")
 
 
+class _Pairs:
+    """Each candidate's normalised text, and each pair's similarity, computed once.
+
+    With the default similarity (:func:`reference_similarity`) a candidate is also
+    tokenised (and stemmed) once, not once per pair: ``s_ij`` is then computed from the
+    two token lists, with the same operations as ``rouge_l``, so the value is the same.
+    ``scores`` maps ``(i, j)``, ``i < j``, to ``s_ij``.
+    """
+
+    __slots__ = ("_similarity", "_tokens", "norms", "scores")
+
+    def __init__(self, similarity: Similarity) -> None:
+        self._similarity = similarity
+        self._tokens: dict[int, list[str]] = {}
+        self.norms: dict[int, str] = {}
+        self.scores: dict[tuple[int, int], float] = {}
+
+    def norm(self, index: int, text: str) -> str:
+        norm = self.norms.get(index)
+        if norm is None:
+            norm = self.norms[index] = normalize(text)
+        return norm
+
+    def _tokens_of(self, index: int) -> list[str]:
+        tokens = self._tokens.get(index)
+        if tokens is None:
+            tokens = self._tokens[index] = tokenize(self.norms[index], stem=True)
+        return tokens
+
+    def score(self, a: int, b: int) -> float:
+        """``s_ab`` for ``a < b`` (``norm_a`` the prediction, ``norm_b`` the target);
+        both norms must be known."""
+        key = (a, b)
+        score = self.scores.get(key)
+        if score is None:
+            if self._similarity is reference_similarity:
+                prediction, target = self._tokens_of(a), self._tokens_of(b)
+                score = (
+                    fmeasure(lcs_length(target, prediction), len(target), len(prediction))
+                    if prediction and target
+                    else 0.0
+                )
+            else:
+                score = self._similarity(self.norms[a], self.norms[b])
+            self.scores[key] = score
+        return score
+
+
 def _decide(
     items: Sequence[tuple[int, str]],
     *,
     threshold: float,
-    similarity: Similarity,
+    pairs: _Pairs,
     weights: Sequence[float] | None,
-    cache: dict[tuple[int, int], float] | None = None,
 ) -> Selection:
     """The batch rule over ``(original index, text)`` pairs in increasing index order."""
     indices = tuple(i for i, _ in items)
     if not items:
         return Selection(None, None, "none", indices, threshold=threshold)
-    norms = [normalize(text) for _, text in items]
+    norms = [pairs.norm(i, text) for i, text in items]
     if len(items) == 1:
         index, text = items[0]
         if norms[0]:
@@ -165,13 +212,7 @@ def _decide(
     pairwise: dict[tuple[int, int], float] = {}
     for a in range(len(items)):
         for b in range(a + 1, len(items)):
-            key = (items[a][0], items[b][0])
-            score = cache.get(key) if cache is not None else None
-            if score is None:
-                score = similarity(norms[a], norms[b])
-                if cache is not None:
-                    cache[key] = score
-            pairwise[key] = score
+            pairwise[(items[a][0], items[b][0])] = pairs.score(items[a][0], items[b][0])
     scores: dict[int, float] = {}
     best_pos = 0
     for a in range(len(items)):
@@ -219,7 +260,7 @@ def select(
     return _decide(
         list(enumerate(candidates)),
         threshold=threshold,
-        similarity=similarity or reference_similarity,
+        pairs=_Pairs(similarity or reference_similarity),
         weights=weights,
     )
 
@@ -322,10 +363,10 @@ class IncrementalSelector:
         self.min_candidates = min_candidates
         self.finalize_complete = finalize_complete
         self._texts: dict[int, str] = {}
-        self._norms: dict[int, str] = {}
+        self._pairs = _Pairs(self.similarity)
+        self._norms = self._pairs.norms
         self._failed: set[int] = set()
         self._answered_failures: set[int] = set()
-        self._pairs: dict[tuple[int, int], float] = {}
         self._decision: Decision | None = None
 
     @property
@@ -355,7 +396,7 @@ class IncrementalSelector:
         """Record candidate ``index``; return the decision once it is final, else ``None``."""
         self._check_new(index)
         self._texts[index] = text
-        self._norms[index] = normalize(text)
+        self._pairs.norm(index, text)
         if self._decision is not None:
             return self._decision
         return self._update()
@@ -397,21 +438,12 @@ class IncrementalSelector:
             )
             return Decision(selection, self.policy, tuple(sorted(self._texts)), early)
         selection = _decide(
-            self._items(),
-            threshold=self.threshold,
-            similarity=self.similarity,
-            weights=self.weights,
-            cache=self._pairs,
+            self._items(), threshold=self.threshold, pairs=self._pairs, weights=self.weights
         )
         return Decision(selection, self.policy, tuple(sorted(self._texts)), early)
 
     def _pair(self, i: int, j: int) -> float:
-        a, b = min(i, j), max(i, j)
-        score = self._pairs.get((a, b))
-        if score is None:
-            score = self.similarity(self._norms[a], self._norms[b])
-            self._pairs[(a, b)] = score
-        return score
+        return self._pairs.score(i, j) if i < j else self._pairs.score(j, i)
 
     def _update(self) -> Decision | None:
         missing = self.missing
@@ -478,7 +510,9 @@ class IncrementalSelector:
             return None
         index = best[1]
         pairwise = {
-            (a, b): s for (a, b), s in self._pairs.items() if a in self._texts and b in self._texts
+            (a, b): s
+            for (a, b), s in self._pairs.scores.items()
+            if a in self._texts and b in self._texts
         }
         selection = Selection(
             index,

@@ -336,26 +336,49 @@ class Ensemble:
             candidates[i] = Candidate(i, source, "given", text=text)
             selector.add(i, text)
 
-        candidate_of: dict[asyncio.Task[list[Completion]], int] = {}
-        for k, (member, request) in enumerate(zip(self.members, requests, strict=True)):
-            task = asyncio.create_task(member.generate(request))
-            candidate_of[task] = first_member + k
         loop = asyncio.get_running_loop()
         deadline = None if self.deadline_s is None else loop.time() + self.deadline_s
-        pending: set[asyncio.Task[list[Completion]]] = set(candidate_of)
+        candidate_of: dict[asyncio.Task[list[Completion]], int] = {}
+        # Finished tasks are handed over by a done-callback and one future per wait,
+        # which costs less per item than ``asyncio.wait`` (bench/overhead.py).
+        finished: list[asyncio.Task[list[Completion]]] = []
+        waiter: asyncio.Future[None] | None = None
+
+        def arrived(task: asyncio.Task[list[Completion]]) -> None:
+            finished.append(task)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        for k, (member, request) in enumerate(zip(self.members, requests, strict=True)):
+            task = loop.create_task(member.generate(request))
+            candidate_of[task] = first_member + k
+            task.add_done_callback(arrived)
+        remaining = len(candidate_of)
         try:
-            while pending and not selector.done:
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
-                finished, pending = await asyncio.wait(
-                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            while remaining and not selector.done:
+                if not finished:
+                    waiter = loop.create_future()
+                    timer = None if deadline is None else loop.call_at(deadline, _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                    if not finished:  # the deadline passed
+                        break
+                batch = (
+                    finished.copy()
+                    if len(finished) == 1
+                    else sorted(finished, key=candidate_of.__getitem__)
                 )
-                if not finished:  # the deadline passed
-                    break
-                for task in sorted(finished, key=candidate_of.__getitem__):
+                finished.clear()
+                for task in batch:
+                    remaining -= 1
                     i = candidate_of[task]
                     name = self.members[i - first_member].name
                     self._collect(task, i, name, candidates, selector)
         finally:
+            pending = [t for t, i in candidate_of.items() if i not in candidates]
             for task in pending:
                 task.cancel()
             if pending:
@@ -480,11 +503,11 @@ class Ensemble:
                 result = await self.run(
                     item, item_index=index, key=item if key is None else key(item)
                 )
-                await outcomes.put(result)
+                outcomes.put_nowait(result)  # unbounded: the window bounds it
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await outcomes.put(exc)
+                outcomes.put_nowait(exc)
 
         async def feed() -> None:
             source = _aiter(items)
@@ -501,12 +524,18 @@ class Ensemble:
                     tg.create_task(one(index, item))
             await outcomes.put(None)
 
+        def feeder_done(task: asyncio.Task[None]) -> None:
+            # The feeder's own failure (not one it reported) must wake the consumer.
+            if not task.cancelled() and task.exception() is not None:
+                outcomes.put_nowait(task.exception())
+
         feeder = asyncio.create_task(feed())
+        feeder.add_done_callback(feeder_done)
         early_results: dict[int, EnsembleResult] = {}  # ordered: finished before their turn
         next_index = 0
         try:
             while True:
-                outcome = await _next_outcome(outcomes, feeder)
+                outcome = await outcomes.get()
                 if outcome is None:
                     break
                 if isinstance(outcome, BaseException):
@@ -525,24 +554,9 @@ class Ensemble:
             await asyncio.gather(feeder, return_exceptions=True)
 
 
-async def _next_outcome(
-    outcomes: asyncio.Queue[EnsembleResult | BaseException | None], feeder: asyncio.Task[None]
-) -> EnsembleResult | BaseException | None:
-    """The next result, or the feeder's own failure (e.g. the input iterator raised)."""
-    if not outcomes.empty():
-        return outcomes.get_nowait()
-    getter = asyncio.ensure_future(outcomes.get())
-    try:
-        await asyncio.wait({getter, feeder}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not getter.done():
-            getter.cancel()
-    if getter.done() and not getter.cancelled():
-        return getter.result()
-    exc = feeder.exception()
-    if exc is not None:
-        return exc
-    return await outcomes.get()
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _aiter(items: Iterable[Item] | AsyncIterable[Item]) -> AsyncIterator[Item]:

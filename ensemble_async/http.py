@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
+from . import jsonio
 from .errors import (
     BackendError,
     ConnectError,
@@ -202,7 +204,10 @@ class HTTPTransport:
         self.backend = backend
         self._session = session
         self._owns_session = session is None
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        # a CIMultiDict, as aiohttp keeps headers: it is not converted on every request
+        self._headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "application/json", **(headers or {})}
+        )
         self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
@@ -214,6 +219,7 @@ class HTTPTransport:
             sock_read=read_timeout if read_timeout is not None else timeout,
         )
         self._closed = False
+        self._urls: dict[str, str] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -243,27 +249,37 @@ class HTTPTransport:
     def __repr__(self) -> str:  # never shows headers
         return f"<HTTPTransport {self.backend!r} {self.base_url}>"
 
+    def _translated(self, exc: Exception) -> BaseException | None:
+        """Our error for a transport failure ``exc`` (None: re-raise ``exc`` itself).
+        A ``BackendError`` passes through, named after this backend."""
+        if isinstance(exc, BackendError):
+            if exc.backend is None:
+                exc.backend = self.backend
+            return None
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return RequestTimeoutError("request timed out", backend=self.backend)
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return MalformedResponseError(
+                f"response body broken off: {type(exc).__name__}", backend=self.backend
+            )
+        if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
+            return ConnectError(
+                f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}",
+                backend=self.backend,
+            )
+        if isinstance(exc, aiohttp.ClientError):
+            return ConnectError(f"{type(exc).__name__}: {exc}", backend=self.backend)
+        return None
+
     @asynccontextmanager
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except BackendError as exc:
-            if exc.backend is None:
-                exc.backend = self.backend
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise RequestTimeoutError("request timed out", backend=self.backend) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise MalformedResponseError(
-                f"response body broken off: {type(exc).__name__}", backend=self.backend
-            ) from exc
-        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-            raise ConnectError(
-                f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}",
-                backend=self.backend,
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise ConnectError(f"{type(exc).__name__}: {exc}", backend=self.backend) from exc
+        except Exception as exc:
+            mapped = self._translated(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status < 400:
@@ -298,21 +314,38 @@ class HTTPTransport:
         response_headers: dict[str, str] | None = None,
     ) -> Any:
         """POST JSON and return the decoded JSON answer; non-2xx raises our error.
-        ``response_headers``, when given, receives the answer's headers."""
-        async with (
-            self._translate(),
-            self.session.post(
-                self.url(path), json=payload, headers=self._headers, timeout=self._timeout
-            ) as resp,
-        ):
-            await self._raise_for_status(resp)
-            raw = self.scrubber.scrub_bytes(
-                await read_capped(resp, self.max_response_bytes, backend=self.backend)
-            )
-            if response_headers is not None:
-                response_headers.update(resp.headers)
+        ``response_headers``: the answer headers to read, as the keys of this dict; each
+        one the answer has (matched without regard to case) gets its value.
+
+        This runs once per generation request, so it avoids per-call helpers: the body
+        is encoded here (``jsonio``: orjson when installed) and errors are translated
+        by a plain ``except`` rather than a generator-based context manager.
+        """
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self.url(path)
+        body = jsonio.dumps(payload)
         try:
-            return json.loads(raw)
+            async with self.session.post(
+                url, data=body, headers=self._headers, timeout=self._timeout
+            ) as resp:
+                if resp.status >= 400:
+                    await self._raise_for_status(resp)
+                raw = self.scrubber.scrub_bytes(
+                    await read_capped(resp, self.max_response_bytes, backend=self.backend)
+                )
+                if response_headers:
+                    for name in response_headers:
+                        value = resp.headers.get(name)
+                        if value is not None:
+                            response_headers[name] = value
+        except Exception as exc:
+            mapped = self._translated(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        try:
+            return jsonio.loads(raw)
         except ValueError:
             raise MalformedResponseError(
                 f"response is not JSON: {raw[:120]!r}", backend=self.backend
@@ -323,7 +356,10 @@ class HTTPTransport:
         async with (
             self._translate(),
             self.session.post(
-                self.url(path), json=payload, headers=self._headers, timeout=self._timeout
+                self.url(path),
+                data=jsonio.dumps(payload),
+                headers=self._headers,
+                timeout=self._timeout,
             ) as resp,
         ):
             await self._raise_for_status(resp)
@@ -332,7 +368,7 @@ class HTTPTransport:
 
     def decode_event(self, data: str) -> Any:
         try:
-            return json.loads(data)
+            return jsonio.loads(data)
         except ValueError:
             raise MalformedResponseError(
                 f"stream event is not JSON: {data[:120]!r}", backend=self.backend

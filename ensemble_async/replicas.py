@@ -282,8 +282,13 @@ class ReplicaSet(BaseBackend):
 
     def _cost(self, r: Replica) -> float:
         latency = r.latency_s
-        if latency is None:  # no sample yet: assume the set's average
-            latency = self._set_latency or 1.0
+        if latency is None:
+            # No sample yet: half the fastest replica's, so an untried replica is tried
+            # soon (the set's average could leave it unpicked behind a fast one for
+            # good), while its outstanding requests still count against it.  Only
+            # computed while some replica is untried.
+            known = [x.latency_s for x in self.replicas if x.latency_s is not None]
+            latency = 0.5 * min(known) if known else 1.0
         return (r.outstanding + 1) * latency
 
     def _preferred(self, request: GenerationRequest, eligible: list[Replica]) -> Replica | None:
@@ -314,9 +319,7 @@ class ReplicaSet(BaseBackend):
         while True:
             replica = self._pick(request)
             if replica is not None:
-                replica.outstanding += 1
-                replica.requests += 1
-                return replica
+                return self._take(replica)
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -388,8 +391,15 @@ class ReplicaSet(BaseBackend):
 
     # -- the Backend protocol -------------------------------------------------------------
 
+    def _take(self, replica: Replica) -> Replica:
+        replica.outstanding += 1
+        replica.requests += 1
+        return replica
+
     async def generate(self, request: GenerationRequest) -> list[Completion]:
-        replica = await self._acquire(request)
+        # The common case (a replica is free) without the extra coroutine of _acquire.
+        picked = self._pick(request)
+        replica = self._take(picked) if picked is not None else await self._acquire(request)
         started = self._clock()
         try:
             completions = await replica.backend.generate(request)
@@ -412,8 +422,20 @@ class ReplicaSet(BaseBackend):
         finally:
             self._release(replica, started, error)
 
-    def _mark(self, completion: Completion, replica: Replica) -> Completion:
-        return dataclasses.replace(completion, backend=self.name, replica=replica.label)
+    def _mark(self, c: Completion, replica: Replica) -> Completion:
+        # Built field by field: ``dataclasses.replace`` costs several times more, once
+        # per request (bench/fleet.py).
+        return Completion(
+            c.text,
+            c.finish_reason,
+            self.name,
+            c.latency_s,
+            c.prompt_tokens,
+            c.completion_tokens,
+            c.model,
+            c.index,
+            replica.label,
+        )
 
     async def health(self) -> Health:
         """Healthy while at least one replica is; a healthy replica out of service is back."""

@@ -28,9 +28,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
@@ -62,42 +63,68 @@ def retry_after_of(exc: BaseException | None) -> float | None:
     return None
 
 
-@asynccontextmanager
-async def attempt_timeout(
+class _AttemptDeadline:
+    """The context manager behind ``attempt_timeout``/``attempt_deadline`` (a class, not
+    a generator: it is entered once per request, so it is kept cheap)."""
+
+    __slots__ = ("_backend", "_scope", "_seconds", "_when")
+
+    def __init__(self, when: float | None, seconds: float | None, backend: str | None) -> None:
+        self._when = when
+        self._seconds = seconds
+        self._backend = backend
+        self._scope: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        when = self._when
+        if when is None:
+            if self._seconds is None:
+                return
+            when = asyncio.get_running_loop().time() + self._seconds
+        self._scope = asyncio.timeout_at(when)
+        await self._scope.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope, self._scope = self._scope, None
+        if scope is None:
+            return
+        try:
+            await scope.__aexit__(exc_type, exc, tb)
+        except TimeoutError as timeout:
+            if scope.expired():
+                seconds = self._seconds
+                limit = f"{seconds:g}s" if seconds is not None else "its deadline"
+                raise RequestTimeoutError(
+                    f"attempt timed out after {limit}", backend=self._backend
+                ) from timeout
+            raise
+
+
+def attempt_timeout(
     seconds: float | None, *, backend: str | None = None
-) -> AsyncIterator[None]:
-    """``asyncio.timeout`` whose own expiry raises a retryable ``RequestTimeoutError``.
+) -> AbstractAsyncContextManager[None]:
+    """``asyncio.timeout`` whose own expiry raises a retryable ``RequestTimeoutError``
+    (the limit starts when the block is entered; ``None``: no limit).
 
     A ``TimeoutError`` raised inside the block for another reason passes unchanged.
     """
-    if seconds is None:
-        yield
-        return
-    async with attempt_deadline(
-        asyncio.get_running_loop().time() + seconds, seconds, backend=backend
-    ):
-        yield
+    return _AttemptDeadline(None, seconds, backend)
 
 
-@asynccontextmanager
-async def attempt_deadline(
+def attempt_deadline(
     when: float | None, seconds: float | None, *, backend: str | None = None
-) -> AsyncIterator[None]:
+) -> AbstractAsyncContextManager[None]:
     """Like ``attempt_timeout`` but up to the loop time ``when`` (None: no limit), so
     several steps of one attempt (the events of a stream) share one limit of
     ``seconds`` (used in the error message)."""
     if when is None:
-        yield
-        return
-    scope = asyncio.timeout_at(when)
-    try:
-        async with scope:
-            yield
-    except TimeoutError as exc:
-        if scope.expired():
-            limit = f"{seconds:g}s" if seconds is not None else "its deadline"
-            raise RequestTimeoutError(f"attempt timed out after {limit}", backend=backend) from exc
-        raise
+        return _AttemptDeadline(None, None, backend)
+    return _AttemptDeadline(when, seconds, backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +186,30 @@ class RetryPolicy:
 
         ``fn`` times itself (see the module doc); ``on_retry`` is called before each wait.
         """
-        deadline = self.clock() + self.max_total_s
+        started = self.clock()
+        # Fast path: the first attempt runs bare (no closures, no tenacity machinery,
+        # which is costly per call: bench/memory.py, bench/overhead.py); all of that is
+        # built only once a retry is really needed.
+        try:
+            return await fn()
+        except BaseException as exc:
+            if not is_retryable(exc):
+                raise
+            first_error = exc
+        return await self.run_after(first_error, fn, started=started, on_retry=on_retry)
+
+    async def run_after(
+        self,
+        first_error: BaseException,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        started: float,
+        on_retry: Callable[[RetryEvent], object] | None = None,
+    ) -> T:
+        """``run`` from its second attempt on: the caller made the first attempt itself
+        (started at ``self.clock()`` time ``started``), which failed with the retryable
+        ``first_error``.  For callers on a hot path that save the frames of ``run``."""
+        deadline = started + self.max_total_s
 
         def give_up(attempt: int, error: BaseException) -> bool:
             """After failed attempt number ``attempt`` (1-based): stop now?"""
@@ -180,16 +230,11 @@ class RetryPolicy:
             if on_retry is not None:
                 on_retry(event)
 
-        # Fast path, kept here so the whole retry loop stays in this one function: the
-        # first attempt runs bare; tenacity's machinery (costly per call, measured in
-        # bench/memory.py) is built only once a retry is really needed.
-        try:
-            return await fn()
-        except BaseException as exc:
-            if not is_retryable(exc) or give_up(1, exc):
-                raise
-            first_wait = pause(1, exc)
-            announce(RetryEvent(1, exc, first_wait))
+        if give_up(1, first_error):
+            raise first_error
+        first_wait = pause(1, first_error)
+        announce(RetryEvent(1, first_error, first_wait))
+        del first_error
         await self.sleep(first_wait)
 
         # Attempts 2.. under tenacity; its attempt numbers count from 1 again.

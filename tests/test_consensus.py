@@ -455,6 +455,58 @@ def test_incremental_reuses_scores_and_validates() -> None:
     assert IncrementalSelector(0).finalize().selection.rule == "none"
 
 
+def test_each_candidate_is_tokenised_once_not_once_per_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default similarity tokenises (and stems) a candidate once per decision, and the
+    pair scores computed from those tokens are exactly the reference's, pair by pair."""
+    from ensemble_async.rouge import tokenize as real
+
+    calls: list[str] = []
+
+    def counting(text: str, *, stem: bool = False) -> list[str]:
+        calls.append(text)
+        return real(text, stem=stem)
+
+    monkeypatch.setattr("ensemble_async.consensus.tokenize", counting)
+    candidates = [
+        "The river runs to the sea.",
+        "Rivers run into seas, mostly.",
+        "A river flows toward the ocean.",
+        "Mountains are tall.",
+        "",
+    ]
+    selection = select(candidates)
+    assert selection.rule in ("medoid", "below-threshold")
+    assert len(calls) == len(candidates)  # 10 pairs, 5 tokenisations
+    norms = [normalize(c) for c in candidates]
+    for (i, j), score in selection.pairwise.items():
+        assert score == reference_similarity(norms[i], norms[j])
+
+    calls.clear()
+    selector = IncrementalSelector(len(candidates), policy="quorum", quorum=3, agreement=0.9)
+    for i, text in enumerate(candidates):
+        selector.add(i, text)
+    decision = selector.finalize()
+    assert len(calls) == len(candidates)
+    for (i, j), score in decision.selection.pairwise.items():
+        assert score == reference_similarity(norms[i], norms[j])
+
+
+def test_a_custom_similarity_is_called_once_per_pair_on_normalised_texts() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def similarity(x: str, y: str) -> float:
+        seen.append((x, y))
+        return 0.5
+
+    selection = select(["One, two.", "Three four", "five six"], similarity=similarity)
+    assert selection.rule == "medoid"
+    assert sorted(seen) == sorted(
+        [("one two", "three four"), ("one two", "five six"), ("three four", "five six")]
+    )
+
+
 def test_finalize_complete_leaves_the_decision_to_finalize_and_a_pickled_copy_makes_it() -> None:
     import pickle
 

@@ -266,19 +266,34 @@ async def test_cancelling_generate_cancels_the_call_and_frees_every_slot() -> No
     assert len(await member.generate(REQUEST)) == 1
 
 
-async def test_attempt_timeout_covers_the_backend_call_and_shrinks_the_limit() -> None:
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"rpm": 1e6}, {"tpm": 1e9}, {"global": 4}],
+    ids=["member-slot-only", "rpm", "tpm", "global-limit"],
+)
+async def test_attempt_timeout_covers_the_backend_call_and_shrinks_the_limit(
+    limits: dict[str, float],
+) -> None:
+    """The same on the short path (only the member's slot) and the full one."""
     backend = FakeBackend(gate=asyncio.Event())  # never answers
+    shared = GlobalLimit(int(limits["global"])) if "global" in limits else None
     member = Member(
         backend,
         concurrency=AdaptiveLimiter(4, maximum=8),
         timeout_s=0.001,
         retry=RetryPolicy.never(),
+        rpm=limits.get("rpm"),
+        tpm=limits.get("tpm"),
+        global_limit=shared,
     )
     with pytest.raises(RequestTimeoutError):
         await member.generate(REQUEST)
     assert backend.cancelled == 1
     assert member.limiter.limit == 2
+    assert member.limiter.in_flight == 0
+    assert shared is None or shared.in_flight == 0
     assert member.stats.errors == {"RequestTimeoutError": 1}
+    assert member.stats.in_flight == 0
 
 
 async def test_policy_attempt_timeout_is_applied_to_the_backend_call_only() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_async.backend import BaseBackend
 from ensemble_async.errors import ConnectError, ServerError
 from ensemble_async.member import Member
 from ensemble_async.registry import create_backend
@@ -346,3 +347,49 @@ answerers = ["answerer"]
         hosts.add(candidates[1]["host"])
     expected = {r.url.removeprefix("http://") for r in replicas}
     assert hosts <= expected and len(hosts) == 2  # both replicas answered, each named
+
+
+def test_marking_a_completion_keeps_every_field_but_backend_and_replica() -> None:
+    """``ReplicaSet`` rebuilds completions field by field (for speed): a field added to
+    ``Completion`` later must not be dropped there."""
+    import dataclasses
+
+    from ensemble_async.types import Completion
+
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Completion):
+        values[f.name] = {
+            "text": "t",
+            "finish_reason": "length",
+            "latency_s": 0.25,
+            "prompt_tokens": 3,
+            "completion_tokens": 4,
+            "index": 2,
+        }.get(f.name, f"value-of-{f.name}")
+    original = Completion(**values)  # type: ignore[arg-type]
+    from ensemble_async.backends.tgi import TGIBackend
+
+    urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    rs = ReplicaSet.from_urls(TGIBackend, urls, name="set", session=object())
+    replica = rs.replicas[1]
+    marked = rs._mark(original, replica)
+    assert marked == dataclasses.replace(original, backend="set", replica=replica.label)
+
+
+async def test_an_untried_replica_is_tried_even_behind_a_fast_one() -> None:
+    """Sequential requests: once one replica has answered quickly, the other (no latency
+    sample yet) must still be tried, not left unpicked for good."""
+
+    class Quick(BaseBackend):
+        kind = "quick"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+    ticks = iter(range(10_000))
+    rs = ReplicaSet([Quick(name="a"), Quick(name="b")], name="set", clock=lambda: next(ticks))
+    # replica a has answered fast already; the set's average is much slower
+    rs.replicas[0].latency_s = 0.001
+    rs._set_latency = 5.0
+    await rs.generate(GenerationRequest(prompt="x"))
+    assert rs.replicas[1].requests == 1

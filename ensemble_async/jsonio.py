@@ -1,0 +1,72 @@
+"""JSON on the wire: orjson when it is installed (the ``fast`` extra), else the standard
+library, behind one pair of functions.
+
+Only request bodies and server answers go through here, where JSON is on every
+request's path (orjson encodes and decodes them several times faster).  Files the
+project writes (records, manifests, the cache) keep the standard library's exact
+formatting, so their bytes do not depend on what is installed.
+
+``loads`` accepts what ``json.loads`` accepts: a body orjson refuses (``NaN``,
+``-Infinity``, which some servers send in log-probabilities) is parsed again by the
+standard library.  One difference remains: orjson reads an integer past 64 bits as a
+float; no field an adapter reads (counts, indices, seeds) can hold one.
+``dumps`` returns compact UTF-8 bytes; a value orjson cannot encode (an integer past
+64 bits, a non-string key) is encoded by the standard library instead.
+``ENSEMBLE_ASYNC_JSON=json`` makes the standard library do all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+__all__ = ["JSON_LIBRARY", "dumps", "loads"]
+
+if os.environ.get("ENSEMBLE_ASYNC_JSON", "").strip().lower() == "json":
+    _orjson = None  # forced, e.g. to measure what orjson buys
+else:
+    try:
+        import orjson as _orjson
+    except ImportError:  # pragma: no cover - exercised by a test that hides orjson
+        _orjson = None  # type: ignore[assignment]
+
+JSON_LIBRARY = "json" if _orjson is None else "orjson"
+"""Which library encodes and decodes: ``"orjson"`` or ``"json"``."""
+
+
+def _std_dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+if _orjson is not None:
+    _orjson_loads = _orjson.loads
+    _orjson_dumps = _orjson.dumps
+    _OrjsonDecodeError = _orjson.JSONDecodeError
+    _OrjsonEncodeError = _orjson.JSONEncodeError
+
+    def loads(data: bytes | str) -> Any:
+        """Parse a JSON document (raises ``ValueError`` when it is not one)."""
+        try:
+            return _orjson_loads(data)
+        except _OrjsonDecodeError:
+            return json.loads(data)
+
+    def dumps(value: Any) -> bytes:
+        """Compact JSON as UTF-8 bytes (``ValueError`` for NaN/infinity or a value JSON
+        cannot hold)."""
+        try:
+            return _orjson_dumps(value)
+        except _OrjsonEncodeError:
+            return _std_dumps(value)
+
+else:  # pragma: no cover - exercised by a test that hides orjson
+
+    def loads(data: bytes | str) -> Any:
+        """Parse a JSON document (raises ``ValueError`` when it is not one)."""
+        return json.loads(data)
+
+    def dumps(value: Any) -> bytes:
+        """Compact JSON as UTF-8 bytes (``ValueError`` for NaN/infinity or a value JSON
+        cannot hold)."""
+        return _std_dumps(value)
