@@ -43,7 +43,7 @@ from .config import (
     Targets,
     check_environment,
 )
-from .ensemble import Ensemble
+from .ensemble import Decide, Ensemble
 from .errors import BackendError, RetryableError, UnknownBackendError
 from .member import Member
 from .registry import create_backend
@@ -461,6 +461,9 @@ class Run:
     target: Member | None = None
     """The selection's target model (scores the candidates), when a target-fit policy is
     configured; it may also be a voice."""
+    decide: Decide | None = None
+    """Where the answers' consensus is computed when not here (``generate --ray``: on
+    the cluster)."""
 
     def pipeline(self, seeds: Sequence[SeedTask], *, events: EventSink | None = None) -> Pipeline:
         """The Ensemble-Instruct pipeline over this run's members and record files.
@@ -482,6 +485,7 @@ class Run:
             fingerprint=self.fingerprint,
             selection=self.config.selection,
             target=self.target,
+            decide=self.decide,
         )
 
 
@@ -589,6 +593,13 @@ async def open_run(
         members = list(dict.fromkeys([writer, *answerers]))
         for member in dict.fromkeys([*members, *([target] if target else [])]):
             await member.start()
+        decide = None
+        if config.ray is not None:  # consensus on the cluster too (the optional extra)
+            from .ray.consensus import RayConsensus
+
+            decide = RayConsensus(address=None if config.ray == "local" else config.ray)
+            stack.push_async_callback(decide.aclose)
+            await decide.start()
         sink = await stack.enter_async_context(_open_records(config))
         if manifest is not None:
             from .manifest import manifest_path, write_manifest
@@ -604,6 +615,7 @@ async def open_run(
             members=members,
             fingerprint=fingerprint,
             target=target,
+            decide=decide,
         )
 
 

@@ -323,6 +323,10 @@ class IncrementalSelector:
     decides early on fewer, so ``"exact"`` still decides exactly what waiting for
     everyone gives; once unavailable candidates leave too few possible, that rule is
     decided at once.
+
+    ``finalize_complete=True``: the decision on a complete set of candidates is left to
+    :meth:`finalize` (not made inside :meth:`add`/:meth:`fail`), so the caller may run it
+    elsewhere, e.g. on a copy in another process: a selector pickles with its state.
     """
 
     def __init__(
@@ -336,6 +340,7 @@ class IncrementalSelector:
         quorum: int = 2,
         agreement: float = 1.0,
         min_candidates: int | None = None,
+        finalize_complete: bool = False,
     ) -> None:
         if n_expected < 0:
             raise ValueError("n_expected must be >= 0")
@@ -356,6 +361,7 @@ class IncrementalSelector:
         self.quorum = quorum
         self.agreement = agreement
         self.min_candidates = min_candidates
+        self.finalize_complete = finalize_complete
         self._texts: dict[int, str] = {}
         self._pairs = _Pairs(self.similarity)
         self._norms = self._pairs.norms
@@ -442,7 +448,8 @@ class IncrementalSelector:
     def _update(self) -> Decision | None:
         missing = self.missing
         if not missing:
-            self._decision = self._batch(early=False)
+            if not self.finalize_complete:
+                self._decision = self._batch(early=False)
         elif self.min_candidates is not None and self._answered() < self.min_candidates:
             if self._answered() + len(missing) < self.min_candidates:
                 self._decision = self._batch(early=True)  # too few can still come

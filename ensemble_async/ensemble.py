@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias
@@ -33,10 +33,12 @@ from .scoring import CompletionScore, ScoreRequest
 from .selection import FitChoice, SelectionConfig, choose
 from .types import Completion, GenerationRequest
 
-__all__ = ["Candidate", "Ensemble", "EnsembleResult", "Item"]
+__all__ = ["Candidate", "Decide", "Ensemble", "EnsembleResult", "Item"]
 
 Item: TypeAlias = str | GenerationRequest | Sequence[GenerationRequest]
 """A prompt, one request for every member, or one request per member (in member order)."""
+Decide: TypeAlias = Callable[[IncrementalSelector], Awaitable[Decision]]
+"""Computes ``selector.finalize()`` somewhere else (see ``Ensemble(decide=...)``)."""
 
 CandidateStatus = Literal["ok", "given", "failed", "unavailable", "circuit_open", "cancelled"]
 """``failed``: the request failed for its own reason (a ``FatalError``: bad request,
@@ -163,6 +165,10 @@ class Ensemble:
     of one of ``members``), whose scoring requests go through its own cache, admission,
     retries and breaker; ``__aenter__`` checks that it can score.  An item whose scores
     cannot be had because the target is unavailable is deferred (``target-unavailable``).
+    ``decide``: where an item's consensus decision is computed once all its candidates
+    are in (default: here).  ``decide(selector)`` returns what ``selector.finalize()``
+    returns, computed elsewhere (``generate --ray`` computes it on the cluster); early
+    decisions of ``exact``/``quorum`` are still made here, as candidates arrive.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class Ensemble:
         retry: RetryPolicy | None = None,
         selection: SelectionConfig | None = None,
         target: Member | Backend | str | None = None,
+        decide: Decide | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -217,6 +224,7 @@ class Ensemble:
         self.deadline_s = deadline_s
         self.min_candidates = min_candidates
         self.max_items_in_flight = max_items_in_flight
+        self.decide = decide
         self._next_index = 0
         self.selection = selection or SelectionConfig()
         self.target: Member | None = self._target(target)
@@ -320,6 +328,7 @@ class Ensemble:
             quorum=self.quorum,
             agreement=self.agreement,
             min_candidates=needed,
+            finalize_complete=self.decide is not None,
         )
         candidates: dict[int, Candidate] = {}
         started = time.perf_counter()
@@ -378,7 +387,9 @@ class Ensemble:
             i = candidate_of[task]
             name = self.members[i - first_member].name
             candidates[i] = Candidate(i, name, "cancelled")
-        decision = selector.finalize()
+        decision = selector.decision or (
+            selector.finalize() if self.decide is None else await self.decide(selector)
+        )
         ordered = tuple(candidates[i] for i in range(total))
         choice = None
         if self.target is not None and decision.selection.rule != "too-few-candidates":

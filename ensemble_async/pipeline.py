@@ -84,7 +84,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .breaker import CircuitOpenError
 from .consensus import Selection, select
-from .ensemble import Candidate, Ensemble
+from .ensemble import Candidate, Decide, Ensemble
 from .errors import BackendError, RetryableError
 from .filters import (
     ParsedInstance,
@@ -391,6 +391,8 @@ class Pipeline:
     ``selection``/``target``: the selection policy and, for the target-fit policies, the
     member whose model scores the candidates (conditioned on the step-4 answer prompt in
     the target's own style); an item whose target is unavailable is deferred.
+    ``decide``: where the answers' consensus decisions are computed (see
+    ``Ensemble(decide=...)``; default: here).
     """
 
     def __init__(
@@ -409,6 +411,7 @@ class Pipeline:
         clock: Callable[[], str] = _utc_now,
         selection: SelectionConfig | None = None,
         target: Member | None = None,
+        decide: Decide | None = None,
     ) -> None:
         if writer_answers not in ("vote", "provenance"):
             raise ValueError(
@@ -457,6 +460,7 @@ class Pipeline:
                 min_candidates=self.min_candidates,
                 selection=self.selection,
                 target=target if self.selection.needs_scores else None,
+                decide=decide,
             )
         else:
             self.ensemble = None

@@ -505,3 +505,18 @@ def test_a_custom_similarity_is_called_once_per_pair_on_normalised_texts() -> No
     assert sorted(seen) == sorted(
         [("one two", "three four"), ("one two", "five six"), ("three four", "five six")]
     )
+
+
+def test_finalize_complete_leaves_the_decision_to_finalize_and_a_pickled_copy_makes_it() -> None:
+    import pickle
+
+    texts = ["The cat sat on the mat.", "A cat sat on a mat", "Dogs bark loudly at night"]
+    plain = IncrementalSelector(3)
+    held = IncrementalSelector(3, finalize_complete=True)
+    for i, text in enumerate(texts):
+        plain.add(i, text)
+        assert held.add(i, text) is None  # complete, yet not decided inside add
+    assert plain.done and not held.done
+    copy = pickle.loads(pickle.dumps(held))  # as another process receives it
+    assert copy.finalize() == plain.decision == held.finalize()
+    assert plain.decision is not None and not plain.decision.early

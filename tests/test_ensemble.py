@@ -387,3 +387,37 @@ def test_wrapping_options_for_ready_members_are_an_error() -> None:
         Ensemble([ready], retry=RetryPolicy.never())
     ens = Ensemble([Fake("bare", const("x"))], global_concurrency=4, retry=RetryPolicy.never())
     assert ens.members[0].global_limit is ens.global_limit
+
+
+async def test_a_decide_hook_makes_the_complete_decision_and_early_ones_stay_here() -> None:
+    import pickle
+
+    from ensemble_async.consensus import Decision, IncrementalSelector
+
+    shipped: list[IncrementalSelector] = []
+
+    async def elsewhere(selector: IncrementalSelector) -> Decision:
+        shipped.append(selector)
+        copy: IncrementalSelector = pickle.loads(pickle.dumps(selector))  # as elsewhere
+        return copy.finalize()
+
+    def members() -> list[Fake]:
+        return [Fake("a", lambda p: p + " one"), Fake("b", lambda p: p), Fake("c", const("z"))]
+
+    prompts = ["alpha beta", "gamma", "delta delta"]
+    async with Ensemble(members()) as plain:
+        expected = [(await plain.run(p)).decision for p in prompts]
+    async with Ensemble(members(), decide=elsewhere) as hooked:
+        got = [(await hooked.run(p)).decision for p in prompts]
+        assert got == expected and len(shipped) == len(prompts)
+        assert not any(s.done for s in shipped)  # nothing was decided here
+        # An early exact decision (a shortcut) is still made here, as answers arrive.
+        gate = asyncio.Event()
+        early = [
+            Fake("a", const("Yes")),
+            Fake("b", const("yes!")),
+            Fake("c", const("x"), gate=gate),
+        ]
+    async with Ensemble(early, decide=elsewhere, min_candidates=2) as hooked:
+        result = await hooked.run("q")
+    assert result.rule == "shortcut-first" and len(shipped) == len(prompts)

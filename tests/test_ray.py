@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,10 @@ if importlib.util.find_spec("ray") is None:
 
 import ray
 
+from ensemble_async.errors import BadRequestError, ConnectError
 from ensemble_async.ray import EnsembleMapper, RayBackend
+from ensemble_async.ray.coalesce import Coalescer
+from ensemble_async.ray.consensus import RayConsensus
 
 pytestmark = pytest.mark.slow
 
@@ -153,6 +156,175 @@ async def test_a_killed_actor_is_restarted_and_its_requests_are_retried(
     assert len(results) == 60 and all(len(r) == 1 and r[0].text for r in results)
     assert after[0] != pids[0]  # Ray restarted the actor in a new process
     assert member.stats.snapshot()["retried"] >= 1  # in-flight requests were sent again
+
+
+class _Actor:
+    """Stands in for an actor behind a Coalescer: answers ``f"<payload>!"``, fails the
+    payloads named ``bad`` alone, ends a call carrying ``down`` before answering the
+    rest (as a dead actor does), and holds the answer to ``slow`` until released while
+    the rest of its call streams back."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, Any]]] = []
+        self.cancelled: list[int] = []
+        self.release = asyncio.Event()
+        self.called = asyncio.Event()
+
+    async def send(self, batch: list[tuple[int, Any]]) -> AsyncIterator[tuple[int, Any]]:
+        self.calls.append(batch)
+        self.called.set()
+        for key, payload in sorted(batch, key=lambda e: e[1] == "slow"):
+            if payload == "down":
+                return
+            if payload == "slow":
+                await self.release.wait()
+            yield key, BadRequestError("no") if payload == "bad" else f"{payload}!"
+
+    def cancel(self, keys: list[int]) -> None:
+        self.cancelled.extend(keys)
+
+
+def _queue(actor: _Actor, **options: Any) -> Coalescer:
+    return Coalescer(actor.send, actor.cancel, lost=lambda: ConnectError("lost"), **options)
+
+
+async def test_requests_of_one_tick_travel_as_one_call_each_with_its_own_outcome() -> None:
+    actor = _Actor()
+    queue = _queue(actor, max_batch=4)
+    got = await asyncio.gather(
+        *(queue.submit(p) for p in ["a", "bad", "c", "d", "e", "f"]), return_exceptions=True
+    )
+    assert [len(call) for call in actor.calls] == [4, 2]  # one tick, split at max_batch
+    assert got[0] == "a!" and got[2:] == ["c!", "d!", "e!", "f!"]
+    assert isinstance(got[1], BadRequestError)  # only that request failed
+    down = await asyncio.gather(queue.submit("down"), queue.submit("x"), return_exceptions=True)
+    assert all(isinstance(e, ConnectError) for e in down)  # what the dead call held
+    assert await queue.submit("y") == "y!"  # and nothing else
+    assert queue.batches == 4
+
+
+async def test_a_slow_request_holds_back_no_other_of_its_call() -> None:
+    actor = _Actor()
+    queue = _queue(actor)
+    slow = asyncio.create_task(queue.submit("slow"))
+    quick = asyncio.create_task(queue.submit("quick"))
+    assert await quick == "quick!"
+    assert not slow.done() and len(actor.calls) == 1  # same call, answered apart
+    actor.release.set()
+    assert await slow == "slow!"
+
+
+async def test_a_cancelled_request_leaves_its_batch_and_is_stopped_at_the_actor() -> None:
+    actor = _Actor()
+    queue = _queue(actor, window_s=60.0)
+    early = asyncio.create_task(queue.submit("early"))
+    await asyncio.sleep(0)  # let it queue
+    early.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    assert actor.calls == []  # not sent yet: taken out of the queue
+    queue.window_s = 0.0
+    held = [asyncio.create_task(queue.submit(p)) for p in ("slow", "other")]
+    await actor.called.wait()
+    key = actor.calls[0][0][0]
+    held[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held[0]
+    assert actor.cancelled == [key]  # the actor is told to stop that request alone
+    assert await held[1] == "other!"
+
+
+async def test_close_fails_queued_and_in_flight_requests() -> None:
+    actor = _Actor()
+    queue = _queue(actor)
+    held = asyncio.create_task(queue.submit("slow"))
+    await actor.called.wait()
+    await queue.aclose()
+    with pytest.raises(ConnectError):
+        await held
+
+
+async def test_concurrent_requests_share_actor_calls_and_keep_their_order(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    _, oai = doubles
+    backend = RayBackend(hosted_kind="openai", url=oai, replicas=2, num_cpus=0.5, name="batched")
+    async with Member(backend, concurrency=64) as member:
+        prompts = [f"item {i}" for i in range(48)]
+        got = await asyncio.gather(
+            *(member.generate(GenerationRequest(prompt=p, max_new_tokens=4)) for p in prompts)
+        )
+        loads = await backend.actor_loads()
+        calls = backend.batches()
+    from ensemble_async.backends.openai import OpenAIBackend
+
+    async with OpenAIBackend(oai, name="direct") as direct:
+        alone = [
+            (await direct.generate(GenerationRequest(prompt=p, max_new_tokens=4)))[0].text
+            for p in prompts
+        ]
+    assert [c[0].text for c in got] == alone  # each caller got its own answer
+    assert sum(n for _, n in loads) == 48 and all(n > 0 for _, n in loads)  # both actors
+    assert 2 <= calls < 48  # fewer actor calls than requests
+    assert sum(b for b, _ in loads) == calls
+
+
+async def test_consensus_decided_by_actors_is_the_decision_made_here(
+    cluster: None, doubles: tuple[str, str]
+) -> None:
+    from ensemble_async.backends.openai import OpenAIBackend
+    from ensemble_async.backends.tgi import TGIBackend
+
+    tgi, oai = doubles
+    items = [f"Write a sentence about topic {i}." for i in range(24)]
+    # Two equal given candidates (a shortcut), an empty one, one that disagrees.
+    texts = [("Same answer.", "same answer"), ("", "x"), ("a sentence", "about a topic")]
+    given = [[("g1", texts[i % 3][0]), ("g2", texts[i % 3][1])] for i in range(24)]
+
+    async def decisions(decide: RayConsensus | None) -> list[dict[str, Any]]:
+        members = [TGIBackend(tgi, name="tgi"), OpenAIBackend(oai, name="vllm")]
+        async with Ensemble(members, decide=decide) as ensemble:
+            results = await asyncio.gather(
+                *(ensemble.run(p, given=g) for p, g in zip(items, given, strict=True))
+            )
+        return [r.decision.to_dict() for r in results]
+
+    expected = await decisions(None)
+    consensus = RayConsensus(actors=2, num_cpus=0.5, max_in_flight=8)
+    try:
+        got = await decisions(consensus)
+        stats = await consensus.stats()
+    finally:
+        await consensus.aclose()
+    assert got == expected
+    assert len({r["rule"] for r in expected}) > 1  # more than one kind of decision
+    assert sum(n for _, n in stats) == len(items) and consensus.in_driver == 0
+    assert all(pid != os.getpid() for pid, _ in stats)  # decided in the actors
+
+
+async def test_items_of_a_dead_consensus_actor_are_decided_in_the_driver_the_same_way(
+    cluster: None,
+) -> None:
+    from ensemble_async.consensus import IncrementalSelector
+
+    texts = [["The cat sat.", "A cat sat", "Dogs bark"], ["x y", "x y z", ""], ["a", "A!"]]
+
+    def selector(candidates: list[str]) -> IncrementalSelector:
+        chosen = IncrementalSelector(len(candidates), finalize_complete=True)
+        for i, text in enumerate(candidates):
+            chosen.add(i, text)
+        return chosen
+
+    consensus = RayConsensus(actors=1, max_in_flight=2)
+    try:
+        await consensus.start()
+        for decider in consensus._pool:  # the actor dies for good
+            ray.kill(decider.actor, no_restart=True)
+        got = [await consensus(selector(t)) for t in texts]
+    finally:
+        await consensus.aclose()
+    assert got == [selector(t).finalize() for t in texts]
+    assert consensus.in_driver == len(texts)
 
 
 def test_ray_data_mapper_adds_the_decision_columns(cluster: None, doubles: tuple[str, str]) -> None:

@@ -1,6 +1,7 @@
 """``generate --ray`` on a two-node cluster (``ray.cluster_utils.Cluster`` on this
-machine): the members' calls are made from Ray actors spread over the nodes, while step
-1, the novelty pool, consensus, the records and the cache stay in the driver.
+machine): the members' calls and the consensus decisions are made by Ray actors spread
+over the nodes, while step 1, the novelty pool, the records and the cache stay in the
+driver.
 
 Against deterministic doubles it writes the same records as the single-process run, and
 a worker process killed mid-run loses nothing and duplicates nothing (the member retries
@@ -29,6 +30,8 @@ if importlib.util.find_spec("ray") is None:
 
 import ray
 from ray.cluster_utils import Cluster
+
+from ensemble_async.ray.consensus import RayConsensus
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +85,26 @@ def _config(servers: tuple[str, str], out: Path, *, io_n: int = 8, o_n: int = 4)
 
 
 def test_generate_on_a_cluster_writes_what_one_process_writes(
-    cluster: str, servers: tuple[str, str], tmp_path: Path
+    cluster: str, servers: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     here = write_config(tmp_path / "here.toml", _config(servers, tmp_path / "here" / "r.jsonl"))
     there = write_config(tmp_path / "there.toml", _config(servers, tmp_path / "there" / "r.jsonl"))
     assert cli.main(["generate", "--config", str(here), "--quiet"]) == cli.EXIT_OK
+    deciders: list[tuple[int, int]] = []
+    close = RayConsensus.aclose
+
+    async def read_then_close(self: RayConsensus) -> None:  # what the actors decided
+        deciders.extend(await self.stats())
+        await close(self)
+
+    monkeypatch.setattr(RayConsensus, "aclose", read_then_close)
     assert cli.main(["generate", "--config", str(there), "--quiet", "--ray", cluster]) == 0
     expected = records(tmp_path / "here" / "r.jsonl")
     assert expected and records(tmp_path / "there" / "r.jsonl") == expected
+    rejects = [json.loads(line) for line in (tmp_path / "there" / "r.rejects.jsonl").open()]
+    decided = len(expected) + sum(r["stage"] == "consensus" for r in rejects)
+    assert sum(n for _, n in deciders) == decided  # every consensus decision ...
+    assert all(pid != os.getpid() for pid, _ in deciders)  # ... made off the driver
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(

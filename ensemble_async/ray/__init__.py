@@ -1,5 +1,6 @@
 """Ray integration (the optional ``ray`` extra): models hosted on a Ray cluster as ensemble
-members, and an ensemble as a Ray Data batch mapper.
+members, consensus decisions made on the cluster, and an ensemble as a Ray Data batch
+mapper.
 
 This package is the only place that imports Ray; the rest of ensemble-async works without
 it.  Importing it without Ray installed raises an ``ImportError`` that says which extra to
@@ -18,7 +19,8 @@ if not _found:  # exercised by a subprocess test
     raise ImportError("ensemble_async.ray needs Ray: pip install 'ensemble-async[ray]'")
 
 from .backend import RayBackend
+from .consensus import RayConsensus
 from .host import BackendHost
 from .mapper import EnsembleMapper
 
-__all__ = ["BackendHost", "EnsembleMapper", "RayBackend"]
+__all__ = ["BackendHost", "EnsembleMapper", "RayBackend", "RayConsensus"]

@@ -13,20 +13,27 @@ It prints items/s, the ratio to the baseline, and the per-item overhead Ray adds
 (wall-clock difference per item at the same concurrency).  On a 2-core machine no gain
 is expected: the point is that the overhead is small.
 
-    python bench/ray_cluster.py                    # 600 items, 20 ms service time
-    python bench/ray_cluster.py --items 2000 --latency 0.05
+    python bench/ray.py                    # 600 items, 20 ms service time
+    python bench/ray.py --items 2000 --latency 0.05
+    python bench/ray.py --unbatched        # also one actor call per request (no coalescing)
 
 ``--pipeline`` measures the whole Ensemble-Instruct run instead: ``generate`` against
 Ensemble-Instruct-like doubles (a TGI writer, a vLLM-style answerer), in one process and
 with ``--ray`` on 1- and 2-node clusters; examples kept per second.
 
-    python bench/ray_cluster.py --pipeline --io 60 --o 40
+    python bench/ray.py --pipeline --io 60 --o 40
+
+This file is named after the package it measures; run as a script, its own folder comes
+first on ``sys.path`` and would shadow Ray, so it takes that folder off before anything
+imports Ray (``.ci/typecheck`` checks it under another name for the same reason).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +46,10 @@ from ensemble_async.ensemble import Ensemble
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
 from ensemble_async.types import GenerationRequest
+
+# Ray is imported inside functions only, after this: this folder off sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def start_double(kind: str, latency: float) -> tuple[subprocess.Popen[str], str]:
@@ -79,12 +90,19 @@ def local_members(urls: list[tuple[str, str]]) -> list[Member]:
     return made
 
 
-def ray_members(urls: list[tuple[str, str]], replicas: int) -> list[Member]:
+def ray_members(urls: list[tuple[str, str]], replicas: int, max_batch: int) -> list[Member]:
     from ensemble_async.ray import RayBackend
 
     return [
         Member(
-            RayBackend(hosted_kind=kind, url=url, replicas=replicas, num_cpus=0.1, name=f"m{i}"),
+            RayBackend(
+                hosted_kind=kind,
+                url=url,
+                replicas=replicas,
+                num_cpus=0.1,
+                max_batch=max_batch,
+                name=f"m{i}",
+            ),
             concurrency=64,
             retry=RetryPolicy.never(),
         )
@@ -110,8 +128,10 @@ def with_cluster(nodes: int, body: Callable[[], float]) -> float:
         cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
-def pipeline_rows(latency: float, io: int, o: int) -> list[tuple[str, float, int]]:
-    """(run, wall seconds, records) for generate in one process and on 1 and 2 nodes."""
+def pipeline_rows(latency: float, io: int, o: int) -> list[tuple[str, float, float, int]]:
+    """(run, wall seconds, the run's own seconds, records) for generate in one process and
+    on 1 and 2 nodes; the run's own time leaves out starting the actors and probing."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -167,16 +187,20 @@ answerers = ["answerer"]
         )
         return cfg
 
-    def generate(name: str, *extra: str) -> tuple[str, float, int]:
+    def generate(name: str, *extra: str) -> tuple[str, float, float, int]:
         cfg = config(name)
         started = time.perf_counter()
         code = cli.main(["generate", "--config", str(cfg), "--quiet", *extra])
         wall = time.perf_counter() - started
         assert code == 0, f"{name}: exit {code}"
         kept = len((work / name / "records.jsonl").read_text().splitlines())
-        return name, wall, kept
+        summary = json.loads((work / name / "records.summary.json").read_text())
+        return name, wall, float(summary["wall_s"]), kept
 
     try:
+        # Each setting runs twice: the first on a fresh cluster (Ray still starting its
+        # idle worker processes, which take CPU), the second on the same, now warm, one.
+        generate("warm-up")
         rows = [generate("single-process")]
         for nodes in (1, 2):
             label = f"ray, {nodes} node{'s' if nodes > 1 else ''}"
@@ -185,8 +209,10 @@ answerers = ["answerer"]
                 import ray as ray_module
 
                 address = ray_module.get_runtime_context().gcs_address
-                row = generate(label.replace(" ", "").replace(",", "-"), "--ray", address)
-                rows.append((label, row[1], row[2]))
+                stem = label.replace(" ", "").replace(",", "-")
+                for when in ("cold", "warm"):
+                    row = generate(f"{stem}-{when}", "--ray", address)
+                    rows.append((f"{label}, {when}", *row[1:]))
                 return row[1]
 
             with_cluster(nodes, body)
@@ -195,6 +221,7 @@ answerers = ["answerer"]
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -205,17 +232,29 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--replicas", type=int, default=2, help="actors per member")
+    parser.add_argument(
+        "--unbatched",
+        action="store_true",
+        help="also run Ray with one actor call per request (max_batch=1): the cost coalescing saves",
+    )
     args = parser.parse_args()
     if args.pipeline:
         rows3 = pipeline_rows(args.latency, args.io, args.o)
-        base_rate = rows3[0][2] / rows3[0][1]
+        _, base_wall, base_run, _ = rows3[0]
         print(
             f"generate, {args.io} + {args.o} instructions, service time {args.latency * 1000:.0f} ms"
         )
-        print(f"{'run':<16} {'kept':>5} {'wall s':>7} {'kept/s':>8} {'vs single':>10}")
-        for name, wall, kept in rows3:
-            rate = kept / wall
-            print(f"{name:<16} {kept:5d} {wall:7.2f} {rate:8.1f} {rate / base_rate:9.2f}x")
+        print("wall: the whole command; run: the pipeline alone (actors started, probes done)")
+        print(
+            f"{'run':<22} {'kept':>5} {'wall s':>7} {'vs single':>10} {'run s':>7} "
+            f"{'kept/s':>8} {'vs single':>10} {'overhead/record':>16}"
+        )
+        for name, wall, run_s, kept in rows3:
+            overhead_ms = (run_s - base_run) / kept * 1000
+            print(
+                f"{name:<22} {kept:5d} {wall:7.2f} {base_wall / wall:9.2f}x {run_s:7.2f} "
+                f"{kept / run_s:8.1f} {base_run / run_s:9.2f}x {overhead_ms:13.2f} ms"
+            )
         return
 
     procs: list[subprocess.Popen[str]] = []
@@ -229,21 +268,27 @@ def main() -> None:
         base = asyncio.run(run(local_members(urls), args.items))
         rows.append(("single-process", base))
         for nodes in (1, 2):
-            wall = with_cluster(
-                nodes, lambda: asyncio.run(run(ray_members(urls, args.replicas), args.items))
-            )
-            rows.append((f"ray, {nodes} node{'s' if nodes > 1 else ''}", wall))
+            label = f"ray, {nodes} node{'s' if nodes > 1 else ''}"
+            batchings = [("", 64), (", unbatched", 1)] if args.unbatched else [("", 64)]
+
+            def body(label: str = label, batchings: list[tuple[str, int]] = batchings) -> float:
+                for suffix, max_batch in batchings:
+                    members = ray_members(urls, args.replicas, max_batch)
+                    rows.append((label + suffix, asyncio.run(run(members, args.items))))
+                return rows[-1][1]
+
+            with_cluster(nodes, body)
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(10)
 
     print(f"{args.items} items x 3 members, service time {args.latency * 1000:.0f} ms")
-    print(f"{'run':<16} {'items/s':>9} {'vs single':>10} {'overhead/item':>14}")
+    print(f"{'run':<27} {'items/s':>9} {'vs single':>10} {'overhead/item':>14}")
     for name, wall in rows:
         rate = args.items / wall
         overhead_ms = (wall - base) / args.items * 1000
-        print(f"{name:<16} {rate:9.1f} {base / wall:9.2f}x {overhead_ms:12.2f} ms")
+        print(f"{name:<27} {rate:9.1f} {base / wall:9.2f}x {overhead_ms:12.2f} ms")
 
 
 if __name__ == "__main__":
