@@ -17,19 +17,25 @@ float; no field an adapter reads (counts, indices, seeds) can hold one.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from types import ModuleType
 from typing import Any
 
 __all__ = ["JSON_LIBRARY", "dumps", "loads"]
 
-if os.environ.get("ENSEMBLE_ASYNC_JSON", "").strip().lower() == "json":
-    _orjson = None  # forced, e.g. to measure what orjson buys
-else:
+
+def _find_orjson() -> ModuleType | None:
+    if os.environ.get("ENSEMBLE_ASYNC_JSON", "").strip().lower() == "json":
+        return None  # forced, e.g. to measure what orjson buys
     try:
-        import orjson as _orjson
-    except ImportError:  # pragma: no cover - exercised by a test that hides orjson
-        _orjson = None  # type: ignore[assignment]
+        return importlib.import_module("orjson")
+    except ImportError:  # exercised by a test that hides orjson
+        return None
+
+
+_orjson = _find_orjson()
 
 JSON_LIBRARY = "json" if _orjson is None else "orjson"
 """Which library encodes and decodes: ``"orjson"`` or ``"json"``."""
@@ -53,8 +59,8 @@ if _orjson is not None:
             return json.loads(data)
 
     def dumps(value: Any) -> bytes:
-        """Compact JSON as UTF-8 bytes (``ValueError`` for NaN/infinity or a value JSON
-        cannot hold)."""
+        """Compact JSON as UTF-8 bytes (orjson writes NaN and infinities as ``null``;
+        request bodies never hold them: requests are validated)."""
         try:
             return _orjson_dumps(value)
         except _OrjsonEncodeError:
@@ -67,6 +73,5 @@ else:  # pragma: no cover - exercised by a test that hides orjson
         return json.loads(data)
 
     def dumps(value: Any) -> bytes:
-        """Compact JSON as UTF-8 bytes (``ValueError`` for NaN/infinity or a value JSON
-        cannot hold)."""
+        """Compact JSON as UTF-8 bytes (``ValueError`` for NaN or infinities)."""
         return _std_dumps(value)
