@@ -62,9 +62,10 @@ if _orjson is not None:
         """Compact JSON as UTF-8 bytes (orjson writes NaN and infinities as ``null``;
         request bodies never hold them: requests are validated)."""
         try:
-            return _orjson_dumps(value)
+            encoded: bytes = _orjson_dumps(value)
         except _OrjsonEncodeError:
             return _std_dumps(value)
+        return encoded
 
 else:  # pragma: no cover - exercised by a test that hides orjson
 
