@@ -47,7 +47,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -55,6 +55,7 @@ from typing import Any
 import aiohttp
 
 from ensemble_async import Ensemble, GenerationRequest, Member
+from ensemble_async.backend import Backend
 from ensemble_async.backends.openai import OpenAIBackend
 from ensemble_async.jsonio import JSON_LIBRARY
 from ensemble_async.runner import EVENT_LOOP, LoopName, run
@@ -147,49 +148,43 @@ async def bare_loop(urls: list[str], items: int) -> int:
     return got
 
 
-async def adapters_only(urls: list[str], items: int) -> int:
-    """Layer 1: the bare loop with ``OpenAIBackend.generate`` in place of the post."""
-    backends = [OpenAIBackend(url, model="double-model", mode="chat") for url in urls]
-    gates = [asyncio.Semaphore(PER_MEMBER) for _ in urls]
+async def _gated(
+    callers: list[Backend | Member], items: int, close: list[Callable[[], Awaitable[None]]]
+) -> int:
+    """The bare loop's shape (a semaphore of 64 per member, a task per request, all
+    created up front) around ``caller.generate``; returns the completions received."""
+    gates = [asyncio.Semaphore(PER_MEMBER) for _ in callers]
 
     async def ask(m: int, i: int) -> int:
         request = GenerationRequest(
             messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
         )
         async with gates[m]:
-            return len(await backends[m].generate(request))
+            return len(await callers[m].generate(request))
 
     try:
-        got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(urls))))
+        got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(callers))))
     finally:
-        for backend in backends:
-            await backend.aclose()
+        for closer in close:
+            await closer()
     return sum(got)
 
 
+async def adapters_only(urls: list[str], items: int) -> int:
+    """Layer 1: the bare loop with ``OpenAIBackend.generate`` in place of the post."""
+    backends = [OpenAIBackend(url, model="double-model", mode="chat") for url in urls]
+    return await _gated(list(backends), items, [b.aclose for b in backends])
+
+
 async def members_only(urls: list[str], items: int) -> int:
-    """Layer 2: ``Member.generate`` (admission, retries, breaker, stats) over the adapter."""
+    """Layer 2: ``Member.generate`` (admission, retries, breaker, stats) over the adapter;
+    behind the same gates, so the member's limiter never queues (as in an ensemble,
+    whose item window keeps it so); its slot is still taken and released."""
     members = [
         Member(OpenAIBackend(url, model="double-model", mode="chat"), concurrency=PER_MEMBER)
         for url in urls
     ]
-    # the same gates as the layer below, so the member's limiter never queues (as in an
-    # ensemble, whose item window keeps it so); its slot is still taken and released
-    gates = [asyncio.Semaphore(PER_MEMBER) for _ in urls]
-
-    async def ask(m: int, i: int) -> int:
-        request = GenerationRequest(
-            messages=(ChatMessage("user", prompt(i)),), max_new_tokens=MAX_TOKENS
-        )
-        async with gates[m]:
-            return len(await members[m].generate(request))
-
-    try:
-        got = await asyncio.gather(*(ask(m, i) for i in range(items) for m in range(len(urls))))
-    finally:
-        for member in members:
-            await member.aclose()
-    return sum(got)
+    return await _gated(list(members), items, [m.aclose for m in members])
 
 
 LAYERS: list[tuple[str, Callable[[list[str], int], Coroutine[Any, Any, int]]]] = []
