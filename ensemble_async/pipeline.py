@@ -74,11 +74,12 @@ import hashlib
 import json
 import random
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, overload
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -261,6 +262,33 @@ class PipelineSummary:
             "deferred_before": self.deferred_before,
             "wall_s": self.wall_s,
         }
+
+
+class _TextPrefix(Sequence[str]):
+    """The texts of the first ``length`` ``(attempt, text)`` pairs of a list, read in
+    place (the list only grows at its end, so the prefix never changes)."""
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, items: list[tuple[int, str]], length: int) -> None:
+        self._items = items
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self._items[i][1] for i in range(*index.indices(self._length))]
+        if not -self._length <= index < self._length:
+            raise IndexError(index)
+        return self._items[index % self._length][1]
 
 
 @dataclass(frozen=True)
@@ -583,9 +611,9 @@ class Pipeline:
         settings = self.settings
         rng = random.Random(f"{settings.seed}:demos:{kind}:{attempt}")
         total = settings.demos.get(kind, 0)
-        picked = rng.sample(
-            list(generated), min(settings.max_generated_demos, len(generated), total)
-        )
+        # ``sample`` reads a sequence by length and index only: the same picks as from a
+        # list copy, without making one
+        picked = rng.sample(generated, min(settings.max_generated_demos, len(generated), total))
         seeds = [t.instruction for t in self.seeds[kind]]
         picked += rng.sample(seeds, min(total - len(picked), len(seeds)))
         rng.shuffle(picked)
@@ -622,7 +650,10 @@ class Pipeline:
             while len(accepted) < target and committed < max_attempts:
                 while launched < max_attempts and launched - committed < window:
                     horizon = launched - window + 1  # attempts below it are all committed
-                    generated = [text for a, text in accepted if a < horizon]
+                    # accepted is in attempt order: its entries below the horizon are a
+                    # prefix, seen without a copy (a copy per attempt made step 1
+                    # quadratic in the pool: bench/fleet.py --pipeline)
+                    generated = _TextPrefix(accepted, bisect_left(accepted, (horizon,)))
                     in_flight[launched] = asyncio.create_task(
                         self._attempt(kind, launched, generated)
                     )

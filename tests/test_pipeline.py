@@ -270,3 +270,26 @@ def test_presets_differ_only_where_documented() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         PipelineSettings.preset("fast")
     assert PipelineSettings.preset("paper", seed=1).seed == 1
+
+
+def test_step_one_demo_picks_from_the_prefix_view_equal_those_from_a_list() -> None:
+    """Step 1 reads the accepted instructions below the horizon in place; seeded picks
+    must be exactly those a copied list gives (random.sample switches algorithm with the
+    population's size, so sizes on both sides of that switch are checked)."""
+    import random
+
+    from ensemble_async.pipeline import _TextPrefix
+
+    items = [(3 * i, f"instruction {i}") for i in range(3000)]
+    for n in (0, 1, 7, 24, 25, 60, 500, 2999):
+        view = _TextPrefix(items, n)
+        assert len(view) == n
+        assert list(view) == [t for _, t in items[:n]]
+        for k in range(min(n, 10) + 1):
+            for seed in range(4):
+                want = random.Random(seed).sample([t for _, t in items[:n]], k)
+                assert random.Random(seed).sample(view, k) == want
+    view = _TextPrefix(items, 5)
+    assert view[-1] == "instruction 4" and view[1:3] == ["instruction 1", "instruction 2"]
+    with pytest.raises(IndexError):
+        view[5]
