@@ -110,12 +110,15 @@ def test_generate_on_a_cluster_writes_what_one_process_writes(
 def test_a_killed_worker_loses_and_duplicates_nothing(
     cluster: str, servers: tuple[str, str], tmp_path: Path
 ) -> None:
+    # Big enough that the run is still going when its first records are on disk (a
+    # faster client once let a smaller run end before the kill).
+    size = {"io_n": 48, "o_n": 24}
     plain = write_config(
-        tmp_path / "plain.toml", _config(servers, tmp_path / "plain" / "r.jsonl", io_n=16, o_n=8)
+        tmp_path / "plain.toml", _config(servers, tmp_path / "plain" / "r.jsonl", **size)
     )
     assert cli.main(["generate", "--config", str(plain), "--quiet"]) == cli.EXIT_OK
     out = tmp_path / "killed" / "r.jsonl"
-    cfg = write_config(tmp_path / "killed.toml", _config(servers, out, io_n=16, o_n=8))
+    cfg = write_config(tmp_path / "killed.toml", _config(servers, out, **size))
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -131,7 +134,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
         if fresh and out.exists() and out.stat().st_size > 0:  # mid-run: records written
             victim = fresh[0]
             os.kill(victim, signal.SIGKILL)
-        time.sleep(0.05)  # polling another process's state: there is no event to await
+        time.sleep(0.01)  # polling another process's state: there is no event to await
     worker.join(180)
     assert victim is not None, "the run ended before a worker could be killed"
     assert result.get("code") == cli.EXIT_OK
