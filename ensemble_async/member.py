@@ -47,7 +47,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 from .admission import AdaptiveLimiter, SlotSource, TokenBucket, estimate_tokens, used_tokens
 from .backend import Backend, info_of, kind_of, stream_of
@@ -62,6 +62,7 @@ from .types import BackendInfo, Completion, GenerationRequest, StreamEvent
 __all__ = ["Member"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 log = logging.getLogger(__name__)
 
@@ -236,34 +237,8 @@ class Member:
         return completions
 
     async def _send(self, request: GenerationRequest) -> list[Completion]:
-        """The request through breaker, retries and admission to the backend: what
-        ``_guarded`` does, written out once more so that the first attempt runs in this
-        frame (once per request; bench/overhead.py)."""
-        stats = self.stats
-        stats.started()
-        try:
-            try:
-                with self.breaker.guard():
-                    started = self.retry.clock()
-                    try:
-                        completions, latency = await self._attempt(request)
-                    except BaseException as exc:
-                        if not is_retryable(exc):
-                            raise
-                        completions, latency = await self.retry.run_after(
-                            exc,
-                            partial(self._attempt, request),
-                            started=started,
-                            on_retry=self._on_retry,
-                        )
-            finally:
-                self._watch_breaker()
-        except Exception as exc:
-            stats.failed_with(self._named(exc))
-            raise
-        except BaseException:
-            stats.was_cancelled()
-            raise
+        """The request through breaker, retries and admission to the backend."""
+        completions, latency = await self._guarded(self._attempt, request)
         if len(completions) == 1:  # the common case, without the generators below
             prompt_tokens = completions[0].prompt_tokens or 0
             completion_tokens = completions[0].completion_tokens or 0
@@ -272,7 +247,7 @@ class Member:
                 (c.prompt_tokens for c in completions if c.prompt_tokens is not None), 0
             )
             completion_tokens = sum(c.completion_tokens or 0 for c in completions)
-        stats.succeeded(
+        self.stats.succeeded(
             latency,
             completions=len(completions),
             prompt_tokens=prompt_tokens,
@@ -281,16 +256,33 @@ class Member:
         return completions
 
     async def _guarded(
-        self, attempt: Callable[[], Awaitable[tuple[_T, float]]]
+        self,
+        attempt: Callable[_P, Awaitable[tuple[_T, float]]],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
     ) -> tuple[_T, float]:
-        """One call (generation or scoring) through the breaker and the retries, counted
-        as started and, on failure, as failed or cancelled; the caller counts success
-        (what it counts depends on what was asked)."""
+        """One call (generation or scoring), ``attempt(*args, **kwargs)``, through the
+        breaker and the retries, counted as started and, on failure, as failed or
+        cancelled; the caller counts success (what it counts depends on what was asked).
+
+        The first attempt runs in this frame and retries continue in
+        ``RetryPolicy.run_after`` (this runs once per request: bench/overhead.py)."""
         self.stats.started()
         try:
             try:
                 with self.breaker.guard():
-                    return await self.retry.run(attempt, on_retry=self._on_retry)
+                    started = self.retry.clock()
+                    try:
+                        return await attempt(*args, **kwargs)
+                    except BaseException as exc:
+                        if not is_retryable(exc):
+                            raise
+                        return await self.retry.run_after(
+                            exc,
+                            partial(attempt, *args, **kwargs),
+                            started=started,
+                            on_retry=self._on_retry,
+                        )
             finally:
                 self._watch_breaker()
         except Exception as exc:
