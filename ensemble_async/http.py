@@ -1,12 +1,20 @@
-"""The HTTP transport shared by the remote adapters: one pooled aiohttp session,
-JSON requests, server-sent events, and the mapping of transport failures to our errors.
+"""The HTTP transport shared by the remote adapters: JSON requests, server-sent events,
+and the mapping of transport failures to our errors.
 
-Adapters speak their protocol on top of ``HTTPTransport``; nothing here retries.
+JSON exchanges (every generation request, ``GET /info``) go over ``wire.Origin``, a lean
+keep-alive HTTP/1.1 client; streams go over a pooled aiohttp session. A session the
+caller passes in (one not made by ``new_session``) carries everything, so a user's own
+session settings (proxies, tracing) apply; ``ENSEMBLE_ASYNC_HTTP=aiohttp`` does the same
+for every transport. Adapters speak their protocol on top of ``HTTPTransport``; nothing
+here retries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +25,7 @@ from multidict import CIMultiDict
 from . import jsonio
 from .errors import (
     BackendError,
+    BadRequestError,
     ConnectError,
     MalformedResponseError,
     RequestTimeoutError,
@@ -26,10 +35,12 @@ from .errors import (
 )
 from .scrub import Scrubber
 from .secret import Secret
+from .wire import Origin, build_head, check_header
 
 __all__ = [
     "DEFAULT_MAX_ERROR_BYTES",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "WIRE",
     "HTTPTransport",
     "error_message",
     "iter_sse_data",
@@ -44,15 +55,28 @@ DEFAULT_MAX_ERROR_BYTES = 8 * 1024
 """How much of an error body is read: enough for any server's message, never a flood."""
 
 
+WIRE = os.environ.get("ENSEMBLE_ASYNC_HTTP", "").strip().lower() != "aiohttp"
+"""Whether JSON exchanges use the lean client (``wire``); ``ENSEMBLE_ASYNC_HTTP=aiohttp``
+turns it off (e.g. to measure what it buys)."""
+
+USER_AGENT = "ensemble-async"
+
+_OURS: weakref.WeakSet[aiohttp.ClientSession] = weakref.WeakSet()
+"""Sessions made by ``new_session``: a transport given one of these still uses the lean
+client for JSON; any other session is the caller's, and carries every request."""
+
+
 def new_session(*, limit: int = 0) -> aiohttp.ClientSession:
     """A pooled session; ``limit`` caps open connections (0 = no cap, admission is the
     scheduler's job).  Timeouts are set per request."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None),
         json_serialize=json.dumps,
     )
+    _OURS.add(session)
+    return session
 
 
 def error_message(body: str) -> str:
@@ -179,6 +203,10 @@ class HTTPTransport:
     ``max_response_bytes`` bounds an answer body and each stream event while they are
     read (``ResponseTooLargeError``); an error body is read up to ``max_error_bytes``
     and cut there.
+
+    ``wire``: whether JSON exchanges go over the lean client (``wire.Origin``); None
+    (the default) means yes unless ``ENSEMBLE_ASYNC_HTTP=aiohttp`` or ``session`` is the
+    caller's own (not from ``new_session``).
     """
 
     def __init__(
@@ -194,9 +222,12 @@ class HTTPTransport:
         read_timeout: float | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_error_bytes: int = DEFAULT_MAX_ERROR_BYTES,
+        wire: bool | None = None,
     ) -> None:
         if max_response_bytes < 1 or max_error_bytes < 1:
             raise ValueError("max_response_bytes and max_error_bytes must be >= 1")
+        if wire is None:
+            wire = WIRE and (session is None or session in _OURS)
         self.max_response_bytes = max_response_bytes
         self.max_error_bytes = max_error_bytes
         self.scrubber = Scrubber(api_key.reveal() if api_key is not None else None)
@@ -208,9 +239,13 @@ class HTTPTransport:
         self._headers: CIMultiDict[str] = CIMultiDict(
             {"Content-Type": "application/json", **(headers or {})}
         )
+        for name, value in self._headers.items():
+            check_header(name, value)
         self._api_key = api_key
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        if "User-Agent" not in self._headers:
+            self._headers["User-Agent"] = USER_AGENT
         # Connection-level limits only (connecting; silence on the socket, ``timeout``
         # unless ``read_timeout`` is given): a whole attempt is timed by the member.
         self._timeout = aiohttp.ClientTimeout(
@@ -220,6 +255,14 @@ class HTTPTransport:
         )
         self._closed = False
         self._urls: dict[str, str] = {}
+        self._origin: Origin | None = None
+        if wire:
+            self._origin = Origin(
+                self.base_url,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout if read_timeout is not None else timeout,
+            )
+        self._heads: dict[tuple[str, str], bytes] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -231,9 +274,48 @@ class HTTPTransport:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._origin is not None:
+            await self._origin.aclose()
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
+
+    def _head(self, method: str, path: str) -> bytes:
+        """The request line and headers for ``method path`` over the lean client."""
+        head = self._heads.get((method, path))
+        if head is None:
+            assert self._origin is not None
+            head = self._heads[method, path] = build_head(
+                method, self._origin.target(path), self._origin.host_header, self._headers
+            )
+        return head
+
+    async def _exchange(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One JSON exchange over the lean client, transport failures mapped to ours;
+        a redirect is a ``BadRequestError`` (the URL should name the final address)."""
+        if self._closed:
+            raise RuntimeError(f"transport for backend {self.backend!r} is closed")
+        assert self._origin is not None
+        try:
+            answer = await self._origin.request(
+                self._head(method, path), body, self.max_response_bytes, self.max_error_bytes
+            )
+        except Exception as exc:
+            mapped = self._translated(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        status = answer[0]
+        if 300 <= status < 400:
+            where = self.scrub(answer[1].get("location", "elsewhere"))[:200]
+            raise BadRequestError(
+                f"server redirects {method} {path} to {where}: give the final URL",
+                backend=self.backend,
+                status=status,
+            )
+        return answer
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -262,7 +344,7 @@ class HTTPTransport:
             return MalformedResponseError(
                 f"response body broken off: {type(exc).__name__}", backend=self.backend
             )
-        if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
+        if isinstance(exc, aiohttp.ClientConnectionError | OSError):
             return ConnectError(
                 f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}",
                 backend=self.backend,
@@ -295,6 +377,15 @@ class HTTPTransport:
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, str]:
         """GET returning (status, scrubbed body text); errors only for transport failures
         and bodies over the limit (an error body is cut to ``max_error_bytes``)."""
+        if self._origin is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    status, _, raw = await self._exchange("GET", path, b"")
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"GET {path} took over {timeout} s", backend=self.backend
+                ) from None
+            return status, self._decode(raw)
         t = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         async with (
             self._translate(),
@@ -321,10 +412,26 @@ class HTTPTransport:
         is encoded here (``jsonio``: orjson when installed) and errors are translated
         by a plain ``except`` rather than a generator-based context manager.
         """
+        body = jsonio.dumps(payload)
+        if self._origin is not None:
+            status, headers, raw = await self._exchange("POST", path, body)
+            if status >= 400:
+                raise error_from_status(
+                    status,
+                    error_message(self._decode(raw)),  # scrubbed before any cut
+                    backend=self.backend,
+                    retry_after=parse_retry_after(headers.get("retry-after")),
+                )
+            raw = self.scrubber.scrub_bytes(raw)
+            if response_headers:
+                for name in response_headers:
+                    value = headers.get(name.lower())
+                    if value is not None:
+                        response_headers[name] = value
+            return self._parse(raw)
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = self.url(path)
-        body = jsonio.dumps(payload)
         try:
             async with self.session.post(
                 url, data=body, headers=self._headers, timeout=self._timeout
@@ -344,6 +451,9 @@ class HTTPTransport:
             if mapped is None:
                 raise
             raise mapped from exc
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> Any:
         try:
             return jsonio.loads(raw)
         except ValueError:

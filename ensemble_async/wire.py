@@ -1,0 +1,541 @@
+"""A lean HTTP/1.1 client for the request/answer exchanges on every generation's path.
+
+Layer boundary: this module moves bytes. It opens and keeps alive connections to one
+origin, writes a request, frames the answer (``Content-Length``, chunked, or up to the
+close) and hands back ``(status, headers, body)``. It knows nothing of JSON, of
+servers' protocols or of retries: ``http.HTTPTransport`` builds the requests, maps the
+answers and is the only caller. Streams (server-sent events) stay on aiohttp.
+
+Why it exists: aiohttp's client spends about 80 us of CPU per request on work a JSON
+exchange with an inference server does not need (URL objects, cookie jars, tracing
+hooks, a stream reader per answer); this client spends about 20 us on the same
+exchange (``bench/fleet.py``, ``docs/performance.md``). At thousands of requests per
+second on one coordinator that is most of a core.
+
+What it does, so that real servers' habits are met:
+
+* keep-alive with a pool of idle connections (last used first); a connection the
+  server closed, or idle longer than ``keepalive_s`` (4 s: under uvicorn's 5 s, the
+  shortest common server setting), is closed rather than reused. Nothing is sent
+  twice here: a connection that breaks with the request on it is a ``ConnectError``,
+  and the member's retry policy decides.
+* answers framed by ``Content-Length``, by chunked transfer coding (trailers skipped),
+  or by the end of the connection; ``1xx`` interim answers skipped; ``Connection:
+  close`` and HTTP/1.0 honoured; ``gzip``/``deflate`` bodies decoded (never asked for).
+* bounds: the head at most ``MAX_HEAD_BYTES``; the body at most ``limit`` bytes while
+  it arrives (``ResponseTooLargeError``), or for answers with status >= 400 cut at
+  ``error_limit`` bytes; silence on the socket longer than ``read_timeout`` is a
+  ``RequestTimeoutError``; connecting longer than ``connect_timeout`` too.
+* a cancelled request closes its connection (its state is unknown), so cancellation
+  never leaves a half-read answer in the pool.
+* TLS for ``https://`` origins (the system's trust store, SNI on the host name).
+
+Not supported (aiohttp is still used for these, or they are not used at all): proxies,
+redirects, cookies, request streaming, pipelining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections.abc import Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+from .errors import ConnectError, MalformedResponseError, RequestTimeoutError, ResponseTooLargeError
+
+__all__ = ["MAX_HEAD_BYTES", "Answer", "Origin", "build_head", "check_header"]
+
+MAX_HEAD_BYTES = 64 * 1024
+"""The longest status line and headers accepted in one answer."""
+
+Answer = tuple[int, dict[str, str], bytes]
+"""What a request gives back: the status, the headers (names in lower case; repeated
+names joined with ``", "``) and the body (decoded when the server compressed it)."""
+
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a header that could break the request's framing. The message names the
+    header, never its value (it may be a secret)."""
+    if not name or any(c not in _TOKEN for c in name):
+        raise ValueError(f"header name {name!r} is not a valid HTTP token")
+    if any(c in "\r\n\0" for c in value):
+        raise ValueError(f"header {name!r} holds a line break or NUL")
+
+
+def build_head(method: str, target: str, host: str, headers: Mapping[str, str]) -> bytes:
+    """The request line and fixed headers, up to (not including) ``Content-Length``."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        check_header(name, value)
+        if name.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+            lines.append(f"{name}: {value}")
+    # UTF-8 as aiohttp sends it; never an encoding error, whose message would quote a
+    # piece of the value (which may be a secret)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", errors="replace")
+
+
+class _Framing:
+    """How the current answer's body ends."""
+
+    LENGTH = 0
+    CHUNKED = 1
+    CLOSE = 2
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request on it at a time."""
+
+    __slots__ = (
+        "body",
+        "buffer",
+        "chunk_left",
+        "closed",
+        "cut",
+        "error_limit",
+        "framing",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "last_data",
+        "length",
+        "limit",
+        "lost",
+        "received",
+        "scanned",
+        "state",
+        "status",
+        "transport",
+        "waiter",
+    )
+
+    # states
+    _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[Answer] | None = None
+        self.closed = False
+        self.lost: BaseException | None = None
+        self.state = self._IDLE
+        self.scanned = 0
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.framing = _Framing.LENGTH
+        self.length = 0
+        self.chunk_left = -1
+        self.body = bytearray()
+        self.limit = 0
+        self.error_limit = 0
+        self.cut = False
+        self.keep_alive = True
+        self.received = False
+        self.last_data = 0.0
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.state == self._IDLE:
+            # Bytes with no request outstanding: the server is out of step; never reuse.
+            self.close()
+            return
+        self.received = True
+        self.last_data = time.monotonic()
+        try:
+            self._advance()
+        except BaseException as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        if self.state == self._BODY and self.framing == _Framing.CLOSE:
+            self._finish()  # the end of the connection is the end of this body
+            return
+        if self.waiter is not None and not self.waiter.done():
+            what = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+            if self.state == self._HEAD and not self.received:
+                err: Exception = ConnectError(
+                    f"server closed the connection before answering{what}"
+                )
+            else:
+                err = MalformedResponseError(f"server closed the connection mid-answer{what}")
+            self.waiter.set_exception(err)
+
+    # -- one exchange -----------------------------------------------------------------
+
+    def start(self, data: bytes, limit: int, error_limit: int) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        self.state = self._HEAD
+        self.scanned = 0
+        self.limit = limit
+        self.error_limit = error_limit
+        self.received = False
+        self.last_data = time.monotonic()
+        self.transport.write(data)
+        return self.waiter
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.abort()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def _advance(self) -> None:
+        if self.state == self._HEAD:
+            self._read_head()
+        if self.state == self._BODY:
+            self._read_body()
+
+    def _read_head(self) -> None:
+        while True:
+            buffer = self.buffer
+            end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise MalformedResponseError(
+                        f"answer head is over the limit of {MAX_HEAD_BYTES} bytes"
+                    )
+                self.scanned = len(buffer)
+                return
+            head = bytes(buffer[:end]).decode("latin-1")
+            del buffer[: end + 4]
+            self.scanned = 0
+            lines = head.split("\r\n")
+            status, version = _status_line(lines[0])
+            if 100 <= status < 200:
+                if status == 101:
+                    raise MalformedResponseError("server switched protocols (HTTP 101)")
+                continue  # an interim answer (100 Continue, 103 Early Hints)
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name != name.strip():
+                    raise MalformedResponseError(f"malformed header line {line[:80]!r}")
+                key = name.lower()
+                value = value.strip()
+                old = headers.get(key)
+                headers[key] = value if old is None else f"{old}, {value}"
+            self.status = status
+            self.headers = headers
+            connection = headers.get("connection", "").lower()
+            if version == "1.1":
+                self.keep_alive = "close" not in connection
+            else:
+                self.keep_alive = "keep-alive" in connection
+            self.body = bytearray()
+            self.cut = False
+            if status >= 400:
+                self.limit = self.error_limit
+                self.cut = True  # an error body is cut, never refused
+            if status in (204, 304):
+                self.framing, self.length = _Framing.LENGTH, 0
+            elif "chunked" in headers.get("transfer-encoding", "").lower():
+                self.framing, self.chunk_left = _Framing.CHUNKED, -1
+            elif "content-length" in headers:
+                self.framing, self.length = _Framing.LENGTH, _content_length(headers)
+                if self.length > self.limit and not self.cut:
+                    raise ResponseTooLargeError(
+                        f"answer of {self.length} bytes is over the limit of {self.limit} bytes"
+                    )
+            else:
+                self.framing, self.keep_alive = _Framing.CLOSE, False
+            self.state = self._BODY
+            return
+
+    def _read_body(self) -> None:
+        buffer = self.buffer
+        if self.framing == _Framing.LENGTH:
+            if len(buffer) < self.length:
+                if self.cut and len(buffer) >= self.limit:
+                    self._take(bytes(buffer[: self.limit]))
+                    self.keep_alive = False
+                    self._finish()
+                return
+            self._take(bytes(buffer[: self.length]))
+            del buffer[: self.length]
+            self._finish()
+        elif self.framing == _Framing.CHUNKED:
+            self._read_chunks()
+        else:
+            self._take(bytes(buffer))
+            buffer.clear()
+
+    def _read_chunks(self) -> None:
+        buffer = self.buffer
+        pos = 0
+        while True:
+            if self.chunk_left < 0:  # at a chunk-size line
+                eol = buffer.find(b"\r\n", pos)
+                if eol < 0:
+                    if len(buffer) - pos > 1024:
+                        raise MalformedResponseError("chunk size line is too long")
+                    break
+                size_text = bytes(buffer[pos:eol]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise MalformedResponseError(f"bad chunk size {size_text[:20]!r}") from None
+                if size < 0:
+                    raise MalformedResponseError(f"bad chunk size {size_text[:20]!r}")
+                if size == 0:
+                    # the last chunk: trailers (skipped) end with an empty line
+                    if buffer.startswith(b"\r\n", eol + 2):
+                        del buffer[: eol + 4]
+                        self._finish()
+                        return
+                    end = buffer.find(b"\r\n\r\n", eol + 2)
+                    if end < 0:
+                        if len(buffer) - pos > MAX_HEAD_BYTES:
+                            raise MalformedResponseError("answer trailers are too long")
+                        break
+                    del buffer[: end + 4]
+                    self._finish()
+                    return
+                pos = eol + 2
+                self.chunk_left = size
+            if len(buffer) - pos < self.chunk_left + 2:
+                # take what is there of this chunk, keep the rest for later
+                have = min(len(buffer) - pos, self.chunk_left)
+                if have:
+                    self._take(bytes(buffer[pos : pos + have]))
+                    self.chunk_left -= have
+                    pos += have
+                break
+            self._take(bytes(buffer[pos : pos + self.chunk_left]))
+            if buffer[pos + self.chunk_left : pos + self.chunk_left + 2] != b"\r\n":
+                raise MalformedResponseError("chunk is not followed by CRLF")
+            pos += self.chunk_left + 2
+            self.chunk_left = -1
+        if pos:
+            del buffer[:pos]
+
+    def _take(self, data: bytes) -> None:
+        if self.state != self._BODY:
+            return
+        self.body += data
+        if len(self.body) > self.limit:
+            if not self.cut:
+                raise ResponseTooLargeError(f"answer is over the limit of {self.limit} bytes")
+            del self.body[self.limit :]
+            self.keep_alive = False
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.state != self._BODY:
+            return
+        self.state = self._DONE
+        body = bytes(self.body)
+        self.body = bytearray()
+        encoding = self.headers.get("content-encoding", "identity").lower()
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if encoding not in ("", "identity"):
+            try:
+                body = _decompress(body, encoding, self.limit, self.cut)
+            except MalformedResponseError as exc:
+                waiter.set_exception(exc)
+                return
+        waiter.set_result((self.status, self.headers, body))
+
+
+def _status_line(line: str) -> tuple[int, str]:
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3:
+        raise MalformedResponseError(f"not an HTTP/1.x status line: {line[:80]!r}")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise MalformedResponseError(f"not an HTTP/1.x status line: {line[:80]!r}") from None
+    return status, parts[0][5:]
+
+
+def _content_length(headers: dict[str, str]) -> int:
+    values = {v.strip() for v in headers["content-length"].split(",")}
+    if len(values) != 1:
+        raise MalformedResponseError("answer has conflicting Content-Length headers")
+    value = values.pop()
+    if not value.isdigit():
+        raise MalformedResponseError(f"bad Content-Length {value[:20]!r}")
+    return int(value)
+
+
+def _decompress(body: bytes, encoding: str, limit: int, cut: bool) -> bytes:
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise MalformedResponseError(f"answer has unsupported Content-Encoding {encoding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise MalformedResponseError(f"answer body does not decode as {encoding}: {exc}") from None
+    if len(out) > limit:
+        if not cut:
+            raise ResponseTooLargeError(f"answer is over the limit of {limit} bytes")
+        out = out[:limit]
+    return out
+
+
+class Origin:
+    """Keep-alive connections to one ``scheme://host:port``, and requests over them.
+
+    Not safe to share between event loops. ``aclose`` closes every connection.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float | None = 10.0,
+        read_timeout: float | None = None,
+        keepalive_s: float = 4.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        default = 443 if parts.scheme == "https" else 80
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = name if self.port == default else f"{name}:{self.port}"
+        self.path_prefix = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.keepalive_s = keepalive_s
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if parts.scheme == "https" else None
+        )
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Origin {self.scheme}://{self.host_header}>"
+
+    def target(self, path: str) -> str:
+        """The request target for ``path`` below the base URL's own path."""
+        return f"{self.path_prefix}/{path.lstrip('/')}"
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectError(
+                f"connecting to {self.host_header} took over {self.connect_timeout} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectError(
+                f"connection to {self.scheme}://{self.host_header} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        self._open.add(conn)
+        return conn
+
+    def _reuse(self) -> _Connection | None:
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.buffer or now - conn.idle_since > self.keepalive_s:
+                conn.close()
+                self._open.discard(conn)
+                continue
+            return conn
+        return None
+
+    async def request(self, head: bytes, body: bytes, limit: int, error_limit: int) -> Answer:
+        """Send ``head`` (from ``build_head``) with ``body``; the answer, framed and
+        bounded. Errors: ``ConnectError``, ``RequestTimeoutError``,
+        ``MalformedResponseError``, ``ResponseTooLargeError`` (none names a backend: the
+        caller does)."""
+        data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
+        conn = self._reuse() or await self._connect()
+        return await self._exchange(conn, data, limit, error_limit)
+
+    async def _exchange(
+        self, conn: _Connection, data: bytes, limit: int, error_limit: int
+    ) -> Answer:
+        waiter = conn.start(data, limit, error_limit)
+        timer = None
+        if self.read_timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.read_timeout, self._silence, conn, waiter
+            )
+        try:
+            answer = await waiter
+        except BaseException:
+            conn.abort()  # half-read or failed: never reused
+            self._open.discard(conn)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        conn.waiter = None
+        if conn.keep_alive and not conn.closed and not conn.buffer and not self._closed:
+            conn.state = conn._IDLE
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+            self._open.discard(conn)
+        return answer
+
+    def _silence(self, conn: _Connection, waiter: asyncio.Future[Answer]) -> None:
+        """The read-timeout timer: fail the request when the socket has been silent for
+        ``read_timeout``, else look again when it could be."""
+        if waiter.done() or self.read_timeout is None:
+            return
+        quiet = time.monotonic() - conn.last_data
+        if quiet >= self.read_timeout:
+            conn._fail(RequestTimeoutError(f"no data from the server for {self.read_timeout:g} s"))
+            return
+        asyncio.get_running_loop().call_later(
+            self.read_timeout - quiet, self._silence, conn, waiter
+        )
