@@ -6,6 +6,8 @@ service time (20 ms), spread over ``--procs`` server processes (this script with
 
 1. **raw aiohttp** (the baseline): one pooled session, ``--in-flight * --members``
    concurrent workers posting the same ``/generate`` body to the endpoints in turn;
+   then the same loop over the library's own HTTP client (``wire.Origin``), to show
+   what the library costs beyond its transport;
 2. **Ensemble.map**: ``--items`` items through an :class:`~ensemble_async.Ensemble` of
    ``--members`` members, each one ``create_backend("tgi", urls=[...32 URLs])`` (a
    :class:`~ensemble_async.replicas.ReplicaSet`), ``--in-flight`` items at a time (so the
@@ -27,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import random
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -46,8 +50,10 @@ from ensemble_async.replicas import ReplicaSet, replica_label
 from ensemble_async.runner import run
 from ensemble_async.seedtasks import load_seed_tasks
 from ensemble_async.sink import MemoryRecordSink
+from ensemble_async.templates import EOS
 from ensemble_async.testing.ei_responder import EIResponder
 from ensemble_async.testing.tgi_double import TGIDouble
+from ensemble_async.wire import Answer, Origin, build_head
 
 BODY = {"inputs": "item", "parameters": {"max_new_tokens": 16, "do_sample": False}}
 
@@ -55,14 +61,37 @@ BODY = {"inputs": "item", "parameters": {"max_new_tokens": 16, "do_sample": Fals
 # -- the server side: many doubles in one process, driven by commands on stdin -----------
 
 
-async def serve(count: int, latency: float, names: Sequence[str] = ()) -> None:
+class ZipfEIResponder(EIResponder):
+    """The Ensemble-Instruct double, writing its step-1 instructions from the novelty
+    bench's generator (a 30,000-word Zipf vocabulary with instruction-like openings)
+    instead of the test double's 200-word list: with so few words the novelty filter's
+    index cannot prune, and a pipeline of 100,000 instructions would measure that
+    instead of the client."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        from novelty import InstructionGenerator  # bench/novelty.py, beside this file
+
+        self.writer = InstructionGenerator(seed=7)
+
+    def _instruction(self, rng: random.Random) -> str:
+        if rng.random() < self.bad_rate:
+            return super()._instruction(rng)  # the test double's defects
+        self.writer.rng.seed(rng.random())  # the same prompt and seed, the same text
+        text = self.writer.fresh()
+        return f" {text} {EOS}\n99. {self.writer.fresh()} {EOS}"
+
+
+async def serve(count: int, latency: float, names: Sequence[str] = (), vocab: str = "zipf") -> None:
     """Start ``count`` doubles, print their URLs, then obey ``kill I`` / ``slow I F``.
-    ``names``: double ``i`` answers like the Ensemble-Instruct LM ``names[i]``."""
+    ``names``: double ``i`` answers like the Ensemble-Instruct LM ``names[i]``, writing
+    instructions from a Zipf vocabulary (``vocab="zipf"``) or the test double's words."""
+    kind = ZipfEIResponder if vocab == "zipf" else EIResponder
     doubles = [
         TGIDouble(
             latency=latency,
             max_concurrent_requests=512,
-            responder=EIResponder(names[i]) if names else None,
+            responder=kind(names[i]) if names else None,
         )
         for i in range(count)
     ]
@@ -90,12 +119,20 @@ class Fleet:
     where: list[tuple[int, int]] = field(default_factory=list)  # url -> (proc, index)
 
     @classmethod
-    def start(cls, total: int, procs: int, latency: float, names: Sequence[str] = ()) -> Fleet:
+    def start(
+        cls,
+        total: int,
+        procs: int,
+        latency: float,
+        names: Sequence[str] = (),
+        vocab: str = "zipf",
+    ) -> Fleet:
         fleet = cls()
         per = -(-total // procs)
         for p in range(procs):
             count = min(per, total - p * per)
             mine = ["--names", ",".join(names[p * per : p * per + count])] if names else []
+            mine += ["--vocab", vocab]
             proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -177,6 +214,79 @@ async def raw_aiohttp(urls: Sequence[str], requests: int, concurrency: int) -> O
     return Outcome("raw aiohttp", requests, wall, cpu)
 
 
+Captured = list[tuple[str, bytes]]
+"""Requests as sent: (URL, body)."""
+
+
+async def raw_replay(captured: Captured, concurrency: int) -> Outcome:
+    """The baseline for the pipeline: its own requests (same URLs, same bodies, in the
+    order it sent them) posted by the plain aiohttp loop, so that the servers do the
+    same work for both clients."""
+    headers = {"Content-Type": "application/json"}
+    todo = iter(captured)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for url, body in todo:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return Outcome("raw aiohttp, same requests", len(captured), wall, cpu)
+
+
+@contextlib.contextmanager
+def capturing(into: Captured) -> Iterator[None]:
+    """Record every request the library's HTTP client sends (about 0.3 us each)."""
+    original = Origin.request
+
+    async def request(
+        self: Origin, head: bytes, body: bytes, limit: int, error_limit: int
+    ) -> Answer:
+        path = head.split(b" ", 2)[1].decode()
+        into.append((f"{self.scheme}://{self.host_header}{path}", body))
+        return await original(self, head, body, limit, error_limit)
+
+    Origin.request = request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Origin.request = original  # type: ignore[method-assign]
+
+
+async def raw_wire(urls: Sequence[str], requests: int, concurrency: int) -> Outcome:
+    """The same loop over the library's own HTTP client (``wire.Origin``) and nothing
+    else: what is left of the library's cost once its transport is set aside."""
+    body = json.dumps(BODY).encode()
+    origins = [Origin(u) for u in urls]
+    heads = [
+        build_head(
+            "POST", o.target("/generate"), o.host_header, {"Content-Type": "application/json"}
+        )
+        for o in origins
+    ]
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for i in counter:
+            k = i % len(origins)
+            status, _, _ = await origins[k].request(heads[k], body, 1 << 20, 8192)
+            assert status == 200, status
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        for origin in origins:
+            await origin.aclose()
+    return Outcome("raw wire (lean client)", requests, wall, cpu)
+
+
 async def prompts(n: int) -> AsyncIterator[str]:
     for i in range(n):
         yield f"item {i}"
@@ -226,9 +336,12 @@ async def ensemble_map(
     return MapRun(Outcome(name, requests, wall, cpu), per_replica, lost, failed, after)
 
 
-async def pipeline_run(fleet: Fleet, args: argparse.Namespace) -> tuple[Outcome, int, str]:
+async def pipeline_run(
+    fleet: Fleet, args: argparse.Namespace, captured: Captured | None = None
+) -> tuple[Outcome, int, str]:
     """The generate pipeline with a writer and two answerers of ``--replicas`` replicas
-    each: (requests/s and CPU per request, records kept, load spread over replicas)."""
+    each: (requests/s and CPU per request, records kept, load spread over replicas).
+    ``captured``: filled with the requests sent."""
     groups = [fleet.urls[m * args.replicas : (m + 1) * args.replicas] for m in range(3)]
     names = ["writer", "a1", "a2"]
     backends = [
@@ -238,8 +351,17 @@ async def pipeline_run(fleet: Fleet, args: argparse.Namespace) -> tuple[Outcome,
     sets = [b for b in backends if isinstance(b, ReplicaSet)]
     members = [Member(b, concurrency=args.in_flight) for b in backends]
     half = args.pipeline // 2
-    settings = PipelineSettings.preset(
-        "default", targets={"input_output": args.pipeline - half, "output": half}
+    # fleet-sized stage concurrency: the defaults (8 / 16 / 16) suit a few servers and
+    # would leave 96 replicas idle; the window is part of the output's identity, so the
+    # records differ from a default run's, not from run to run
+    settings = dataclasses.replace(
+        PipelineSettings.preset(
+            "default", targets={"input_output": args.pipeline - half, "output": half}
+        ),
+        instruction_window=args.window,
+        instance_concurrency=args.stage_concurrency,
+        answer_concurrency=args.stage_concurrency,
+        queue_size=2 * args.stage_concurrency,
     )
     sink = MemoryRecordSink()
     try:
@@ -252,9 +374,10 @@ async def pipeline_run(fleet: Fleet, args: argparse.Namespace) -> tuple[Outcome,
             settings=settings,
             sink=sink,
         )
-        wall, cpu = time.perf_counter(), time.process_time()
-        summary = await pipeline.run()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        with capturing(captured) if captured is not None else contextlib.nullcontext():
+            wall, cpu = time.perf_counter(), time.process_time()
+            summary = await pipeline.run()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         for m in members:
             await m.aclose()
@@ -307,6 +430,8 @@ async def client(args: argparse.Namespace) -> int:
         base = await raw_aiohttp(fleet.urls, requests, args.in_flight * args.members)
         print(f"{'client':<28} {'requests':>9} {'req/s':>9} {'vs raw':>7} {'cpu us/req':>10}")
         print(row(base, None))
+        lean = await raw_wire(fleet.urls, requests, args.in_flight * args.members)
+        print(row(lean, base))
         clean = await ensemble_map(fleet, args, faults=False, name="Ensemble.map")
         print(row(clean.outcome, base))
         faulty = await ensemble_map(fleet, args, faults=True, name="Ensemble.map + faults")
@@ -348,18 +473,24 @@ async def fleet_pipeline(args: argparse.Namespace) -> None:
     """A fleet of EI-like doubles (writer, a1, a2 x ``--replicas``) and one pipeline run,
     next to a raw aiohttp loop sending as many requests to the same fleet."""
     names = [n for n in ("writer", "a1", "a2") for _ in range(args.replicas)]
-    fleet = Fleet.start(len(names), args.procs, args.latency, names)
+    fleet = Fleet.start(len(names), args.procs, args.latency, names, args.vocab)
     try:
-        outcome, kept, load = await pipeline_run(fleet, args)
+        captured: Captured = []
+        outcome, kept, load = await pipeline_run(fleet, args, captured)
         base = await raw_aiohttp(fleet.urls, outcome.requests, args.in_flight * 3)
+        replay = await raw_replay(captured, args.in_flight * 3)
         print(
             f"\npipeline: {args.pipeline:,} instructions asked, {kept:,} records kept, "
             f"{outcome.wall_s:.1f} s"
         )
         print(f"{'client':<28} {'requests':>9} {'req/s':>9} {'vs raw':>7} {'cpu us/req':>10}")
         print(row(base, None))
+        print(row(replay, base))
         print(row(outcome, base))
-        print(f"load per replica, pipeline: {load}")
+        print(
+            f"pipeline vs the same requests replayed: {outcome.rate / replay.rate:.2f}x; "
+            f"load per replica: {load}"
+        )
     finally:
         fleet.stop()
 
@@ -379,13 +510,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="also run the generate pipeline for N instructions on an EI-like fleet",
     )
+    parser.add_argument(
+        "--window", type=int, default=64, help="pipeline: step-1 attempts in flight per kind (64)"
+    )
+    parser.add_argument(
+        "--stage-concurrency",
+        type=int,
+        default=128,
+        help="pipeline: steps 2 and 3 in flight (128)",
+    )
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vocab",
+        choices=("zipf", "small"),
+        default="zipf",
+        help="pipeline: instructions from a 30k-word Zipf vocabulary (default) or the test "
+        "double's 200 words",
+    )
     parser.add_argument("--names", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         names = args.names.split(",") if args.names else []
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.serve, args.latency, names))
+            asyncio.run(serve(args.serve, args.latency, names, args.vocab))
         return 0
     return run(client(args))
 

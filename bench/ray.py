@@ -128,9 +128,13 @@ def with_cluster(nodes: int, body: Callable[[], float]) -> float:
         cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
-def pipeline_rows(latency: float, io: int, o: int) -> list[tuple[str, float, float, int]]:
+def pipeline_rows(
+    latency: float, io: int, o: int, window: int = 8, stages: int = 16
+) -> list[tuple[str, float, float, int]]:
     """(run, wall seconds, the run's own seconds, records) for generate in one process and
-    on 1 and 2 nodes; the run's own time leaves out starting the actors and probing."""
+    on 1 and 2 nodes; the run's own time leaves out starting the actors and probing.
+    ``window``/``stages``: the pipeline's step-1 window and steps 2-4 concurrency (the
+    same for every run; the window is part of the output's identity)."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -173,16 +177,22 @@ targets = {{ input_output = {io}, output = {o} }}
 [backends.writer]
 kind = "tgi"
 url = "{urls[0]}"
-concurrency = 32
+concurrency = {max(32, 2 * stages)}
 
 [backends.answerer]
 kind = "openai"
 url = "{urls[1]}"
-concurrency = 32
+concurrency = {max(32, 2 * stages)}
 
 [roles]
 writer = "writer"
 answerers = ["answerer"]
+
+[overrides]
+instruction_window = {window}
+instance_concurrency = {stages}
+answer_concurrency = {stages}
+queue_size = {2 * stages}
 """
         )
         return cfg
@@ -229,6 +239,12 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="measure generate instead")
     parser.add_argument("--io", type=int, default=60, help="--pipeline: input-output target")
     parser.add_argument("--o", type=int, default=40, help="--pipeline: output-only target")
+    parser.add_argument(
+        "--window", type=int, default=8, help="--pipeline: step-1 attempts in flight per kind"
+    )
+    parser.add_argument(
+        "--stages", type=int, default=16, help="--pipeline: steps 2-4 in flight (16)"
+    )
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--replicas", type=int, default=2, help="actors per member")
@@ -239,7 +255,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.pipeline:
-        rows3 = pipeline_rows(args.latency, args.io, args.o)
+        rows3 = pipeline_rows(args.latency, args.io, args.o, args.window, args.stages)
         _, base_wall, base_run, _ = rows3[0]
         print(
             f"generate, {args.io} + {args.o} instructions, service time {args.latency * 1000:.0f} ms"

@@ -716,15 +716,15 @@ class Pipeline:
             rid = _reject_id(settings.seed, "instructions", kind, attempt, result.text)
             await self._submit(Reject(id=rid, **base, reason=extracted.reason, text=result.text))
             return None
-        novel = novelty.is_novel(extracted)  # flat in the pool's size (prefix filtering)
-        score: float | None = None
-        if not novel or len(novelty) <= EXACT_NOVELTY_SCORE_POOL:
-            # Above the threshold the exact maximum is cheap; below it, it needs every
-            # entry, so it is recorded only while the pool is small.
-            score = novelty.max_similarity(extracted)
+        # One pass: the decision (flat in the pool's size, by prefix filtering), and the
+        # exact maximum. Above the threshold the maximum and the most similar entry are
+        # cheap; below it the maximum needs every entry, so it is recorded only while
+        # the pool is small.
+        novel, score, similar = novelty.judge(
+            extracted, score=len(novelty) <= EXACT_NOVELTY_SCORE_POOL
+        )
         if not novel:
             assert score is not None
-            similar = novelty.top_similar(extracted, 1)
             rid = _reject_id(settings.seed, "instructions", kind, attempt, extracted)
             await self._submit(
                 Reject(
@@ -733,7 +733,7 @@ class Pipeline:
                     reason="not_novel",
                     instruction=extracted,
                     max_rouge=score,
-                    most_similar=similar[0][0] if similar else None,
+                    most_similar=similar,
                 )
             )
             return None

@@ -585,8 +585,8 @@ class NoveltyFilter:
         candidates: npt.NDArray[np.intp] = survivors.astype(np.intp)
         return candidates
 
-    def _bounded(self, query: _Query) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
-        """Entries sharing a token with ``query`` and their upper bounds ``2m/(la+lb)``."""
+    def _shared(self, query: _Query) -> npt.NDArray[np.int64]:
+        """Per pool entry, the size of its token multiset's overlap with ``query``'s."""
         self._ensure_full()
         n = len(self._texts)
         # Views of the postings live only inside this call, so the arrays can still grow.
@@ -605,6 +605,11 @@ class NoveltyFilter:
             shared = np.zeros(n, dtype=np.int64)
         for idx, weight in multi:
             shared += np.bincount(idx, weights=weight, minlength=n).astype(np.int64)
+        return shared
+
+    def _bounded(self, query: _Query) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        """Entries sharing a token with ``query`` and their upper bounds ``2m/(la+lb)``."""
+        shared = self._shared(query)
         entries = np.flatnonzero(shared)
         bounds = 2.0 * shared[entries] / (query.length + self._lens_np[entries])
         return entries, bounds
@@ -637,19 +642,22 @@ class NoveltyFilter:
         With ``stop_above`` the result is exact only in how it compares with
         ``stop_above`` (which is all that a threshold decision needs).
         """
-        entries, bounds = self._bounded(query)
-        if len(entries) == 0:
-            return 0.0
+        # Bounds over the whole pool (0 where nothing is shared), in one vector pass:
+        # cheaper than gathering every sharing entry first, as most of them are then
+        # pruned by the floor. Same arithmetic, so the same bits, as ``_bounded``.
+        all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
+        first = int(np.argmax(all_bounds))
+        if all_bounds[first] == 0.0:
+            return 0.0  # no entry shares a token
         best = 0.0
         if stop_above is None:
             # Score the entry with the best bound first: its score is a floor for the max.
-            first = int(np.argmax(bounds))
-            best = self._score(query, int(entries[first]))
+            best = self._score(query, first)
             floor = best
         else:
             floor = stop_above
-        keep = bounds >= floor - _BOUND_EPS
-        entries, bounds = entries[keep], bounds[keep]
+        entries = np.flatnonzero((all_bounds >= floor - _BOUND_EPS) & (all_bounds > 0.0))
+        bounds = all_bounds[entries]
         order = np.argsort(-bounds, kind="stable")
         entries, bounds = entries[order], bounds[order]
         n = len(entries)
@@ -715,6 +723,34 @@ class NoveltyFilter:
         if head == n:
             return True
         return not bool((self._score_many(query, candidates[head:]) > threshold).any())
+
+    def judge(self, text: str, *, score: bool = True) -> tuple[bool, float | None, str | None]:
+        """``(novel, max similarity, most similar entry)`` for ``text``, in one pass; no
+        change to the pool.
+
+        ``novel`` equals ``is_novel(text)``. When ``text`` is not novel the score equals
+        ``max_similarity(text)`` and the entry equals ``top_similar(text, 1)[0][0]`` (the
+        earliest of the best); both come from the prefix candidates, which hold every
+        entry above the threshold. When it is novel the entry is None and the score is
+        the exact maximum if ``score`` is true (its cost grows with the pool), else None.
+        """
+        query = self._query(text)
+        if query.length == 0 or not self._texts:
+            return True, 0.0 if score else None, None
+        if not self.prune or not self.threshold >= 0.0:
+            novel = self.is_novel(text)
+            if novel and not score:
+                return True, None, None
+            best = self.max_similarity(text)
+            return novel, best, None if novel else self.top_similar(text, 1)[0][0]
+        candidates = self._prefix_candidates(query)
+        if len(candidates):
+            scores = self._score_many(query, candidates)
+            top = int(scores.argmax())  # candidates ascend: the earliest of the best
+            best = float(scores[top])
+            if best > self.threshold:
+                return False, best, self._texts[int(candidates[top])]
+        return True, self._max_pruned(query, stop_above=None) if score else None, None
 
     def offer(self, text: str) -> bool:
         """Add ``text`` when it is novel (max similarity ``<= threshold``); say whether it was."""

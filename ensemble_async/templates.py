@@ -28,6 +28,7 @@ The wording of the headers and every demo were written for this project.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ def clean_demo_instruction(instruction: str, *, drop_eos: bool = True) -> str:
     return _WS.sub(" ", text).strip().rstrip(":")
 
 
+@functools.lru_cache(maxsize=8192)
+def _cleaned(demo: str, drop_eos: bool) -> str:
+    """``clean_demo_instruction``, remembered: the seed demos recur in every prompt."""
+    return clean_demo_instruction(demo, drop_eos=drop_eos)
+
+
 def build_instruction_prompt(
     demos: Sequence[str],
     *,
@@ -113,7 +120,7 @@ def build_instruction_prompt(
     """
     lines = [header]
     for k, demo in enumerate(demos, start=1):
-        text = clean_demo_instruction(demo, drop_eos=drop_eos)
+        text = _cleaned(demo, drop_eos)
         if not text:
             raise ValueError(f"demo {k} is empty")
         lines.append(f"{k}. {text} {EOS}")
@@ -298,9 +305,10 @@ INPUT_OUTPUT_DEMOS: tuple[InstanceDemo, ...] = (
 """The 19 fixed demos of the step-2 template for kind ``"input_output"``."""
 
 
+@functools.cache
 def instance_template(kind: TaskKind) -> str:
     """The fixed part of the step-2 prompt for ``kind``: header and demos, blank-line
-    separated, ending with a blank line."""
+    separated, ending with a blank line (built once per kind)."""
     if kind == "output":
         header, demos = OUTPUT_HEADER, OUTPUT_DEMOS
     elif kind == "input_output":

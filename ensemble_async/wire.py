@@ -37,6 +37,7 @@ redirects, cookies, request streaming, pipelining.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import zlib
@@ -226,21 +227,13 @@ class _Connection(asyncio.Protocol):
             head = bytes(buffer[:end]).decode("latin-1")
             del buffer[: end + 4]
             self.scanned = 0
-            lines = head.split("\r\n")
-            status, version = _status_line(lines[0])
+            first, _, rest = head.partition("\r\n")
+            status, version = _status_line(first)
             if 100 <= status < 200:
                 if status == 101:
                     raise MalformedResponseError("server switched protocols (HTTP 101)")
                 continue  # an interim answer (100 Continue, 103 Early Hints)
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep or not name or name != name.strip():
-                    raise MalformedResponseError(f"malformed header line {line[:80]!r}")
-                key = name.lower()
-                value = value.strip()
-                old = headers.get(key)
-                headers[key] = value if old is None else f"{old}, {value}"
+            headers = _parse_headers(rest)
             self.status = status
             self.headers = headers
             connection = headers.get("connection", "").lower()
@@ -363,6 +356,33 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(exc)
                 return
         waiter.set_result((self.status, self.headers, body))
+
+
+_HEADER_LINE = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
+"""One header line, from the CRLF before it to the CRLF after it (not consumed)."""
+
+
+def _parse_headers(text: str) -> dict[str, str]:
+    """Header lines (CRLF-separated, no final CRLF) as a dict: names in lower case,
+    repeated names joined with ``", "``. One regular-expression pass; a line that is
+    not ``name: value`` is a ``MalformedResponseError`` naming it."""
+    if not text:
+        return {}
+    pairs = _HEADER_LINE.findall(f"\r\n{text}\r\n")
+    if len(pairs) != text.count("\r\n") + 1:
+        for line in text.split("\r\n"):
+            found = _HEADER_LINE.match(f"\r\n{line}\r\n")
+            if found is None or found.end() != len(line) + 2:
+                raise MalformedResponseError(f"malformed header line {line[:80]!r}")
+        raise MalformedResponseError("malformed header lines")  # pragma: no cover
+    headers = {name.lower(): value for name, value in pairs}
+    if len(headers) != len(pairs):  # a repeated name: join its values in order
+        headers = {}
+        for name, value in pairs:
+            key = name.lower()
+            old = headers.get(key)
+            headers[key] = value if old is None else f"{old}, {value}"
+    return headers
 
 
 def _status_line(line: str) -> tuple[int, str]:

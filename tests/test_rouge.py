@@ -339,6 +339,44 @@ def test_pruning_never_changes_a_decision(
     assert fast.texts == slow.texts == tuple(brute)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    pool=st.lists(small_text, max_size=40),
+    offers=st.lists(small_text, min_size=1, max_size=30),
+    threshold=st.sampled_from([0.0, 0.3, 0.5, 2 / 3, 0.7, 0.8, 1.0]),
+    prune=st.booleans(),
+)
+def test_judge_equals_the_separate_calls(
+    pool: list[str], offers: list[str], threshold: float, prune: bool
+) -> None:
+    """One pass gives the decision, the exact maximum and the most similar entry that
+    is_novel, max_similarity and top_similar give one by one (ties: the earliest)."""
+    novelty = NoveltyFilter(pool, threshold=threshold, prune=prune)
+    for text in offers:
+        novel, score, similar = novelty.judge(text)
+        assert novel == novelty.is_novel(text)
+        assert score == novelty.max_similarity(text)
+        if novel:
+            assert similar is None
+            assert novelty.judge(text, score=False) == (True, None, None)
+        else:
+            assert similar == novelty.top_similar(text, 1)[0][0]
+            assert novelty.judge(text, score=False) == (novel, score, similar)
+        if novel:
+            novelty.add(text)
+
+
+def test_judge_at_exactly_the_threshold_and_on_ties() -> None:
+    a, b = _pair(7, 10, 10)
+    novelty = NoveltyFilter([b], threshold=0.7)
+    assert novelty.judge(a) == (True, 0.7, None)  # exactly 0.7 passes
+    twin = NoveltyFilter(["p q", "x y z w", "x y z v"], threshold=0.5)
+    best = reference("x y z", "x y z w")
+    assert best == reference("x y z", "x y z v") > 0.5  # the premise: a tie
+    assert twin.judge("x y z") == (False, best, "x y z w")
+    assert twin.judge("") == (True, 0.0, None)
+
+
 def test_many_candidates_use_the_vectorised_path() -> None:
     # More candidates above the bound than the scalar batch: the cdist path decides.
     rng = random.Random(3)

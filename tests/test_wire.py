@@ -463,3 +463,20 @@ async def test_a_redirect_is_a_bad_request_naming_where(serve: Serve) -> None:
             await transport.post_json("/generate", {})
     finally:
         await transport.aclose()
+
+
+def test_header_lines_are_parsed_strictly_and_repeats_joined() -> None:
+    from ensemble_async.wire import _parse_headers
+
+    assert _parse_headers("Content-Type: a/b\r\nX-A:  v v  \r\nx-a: 2\r\nEmpty:") == {
+        "content-type": "a/b",
+        "x-a": "v v, 2",
+        "empty": "",
+    }
+    for bad, line in [
+        ("A: 1\r\na b: c", "a b: c"),
+        ("A: 1\r\n: v", ": v"),
+        ("A: 1\nB: 2", "A: 1\nB: 2"),
+    ]:
+        with pytest.raises(MalformedResponseError, match=re.escape(repr(line))):
+            _parse_headers(bad)
