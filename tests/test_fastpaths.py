@@ -84,6 +84,27 @@ def test_the_standard_library_can_be_forced() -> None:
     assert out == "json"
 
 
+def test_aiohttp_can_carry_every_request_when_asked() -> None:
+    out = _python(
+        """
+        from ensemble_async import http
+        t = http.HTTPTransport("http://127.0.0.1:9", backend="b")
+        print(http.WIRE, t._origin is None)
+        """,
+        ENSEMBLE_ASYNC_HTTP="aiohttp",
+    )
+    assert out == "False True"
+    default = _python(
+        """
+        from ensemble_async import http
+        t = http.HTTPTransport("http://127.0.0.1:9", backend="b")
+        print(http.WIRE, t._origin is None)
+        """,
+        ENSEMBLE_ASYNC_HTTP="",
+    )
+    assert default == "True False"
+
+
 def test_the_runner_uses_uvloop_when_installed_and_asyncio_when_asked() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
