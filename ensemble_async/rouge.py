@@ -76,6 +76,7 @@ from __future__ import annotations
 import array
 import heapq
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -136,9 +137,17 @@ def _get_stemmer() -> _CachedStemmer:
     return _stemmer
 
 
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
 def tokenize(text: str, *, stem: bool = False) -> list[str]:
-    """The tokens rouge_score's default tokenizer gives for ``text``."""
-    tokens: list[str] = _rs_tokenize.tokenize(text, _get_stemmer() if stem else None)
+    """The tokens rouge_score's default tokenizer gives for ``text``.
+
+    Without stemming the same steps in one pass (lower case, every run of characters
+    outside ``[a-z0-9]`` a separator); with it, rouge_score's own tokenizer."""
+    if not stem:
+        return _NON_ALNUM.sub(" ", text.lower()).split()
+    tokens: list[str] = _rs_tokenize.tokenize(text, _get_stemmer())
     return tokens
 
 
@@ -344,6 +353,9 @@ class NoveltyFilter:
         self._order: list[int] = []
         # Full inverted index (for exact maxima), built on first use.
         self._full = False
+        # The last text a query was made of, and its tokens: ``add`` right after a
+        # judgement of the same text does not tokenise it again.
+        self._last: tuple[str, bool, list[str]] = ("", False, [])
         self._post_idx: dict[int, array.array[int]] = {}
         self._post_cnt: dict[int, array.array[int]] = {}
         for text in pool:
@@ -364,7 +376,11 @@ class NoveltyFilter:
 
     def add(self, text: str) -> None:
         """Add ``text`` to the pool unconditionally."""
-        tokens = tokenize(text, stem=self.stem)
+        last_text, last_stem, last_tokens = self._last
+        if text == last_text and last_stem == self.stem:
+            tokens = last_tokens
+        else:
+            tokens = tokenize(text, stem=self.stem)
         ids: list[int] = []
         vocab = self._vocab
         for token in tokens:
@@ -503,7 +519,9 @@ class NoveltyFilter:
 
     def _query(self, text: str) -> _Query:
         vocab = self._vocab
-        ids = [vocab.get(token, 0) for token in tokenize(text, stem=self.stem)]
+        tokens = tokenize(text, stem=self.stem)
+        self._last = (text, self.stem, tokens)
+        ids = [vocab.get(token, 0) for token in tokens]
         counts = Counter(ids)
         counts.pop(0, None)
         return _Query(self._encode(ids), ids, dict(counts))
@@ -730,9 +748,12 @@ class NoveltyFilter:
 
         ``novel`` equals ``is_novel(text)``. When ``text`` is not novel the score equals
         ``max_similarity(text)`` and the entry equals ``top_similar(text, 1)[0][0]`` (the
-        earliest of the best); both come from the prefix candidates, which hold every
-        entry above the threshold. When it is novel the entry is None and the score is
-        the exact maximum if ``score`` is true (its cost grows with the pool), else None.
+        earliest of the best). When it is novel the entry is None and the score is the
+        exact maximum if ``score`` is true, else None.
+
+        With ``score`` one bounded pass over the pool answers everything (its cost grows
+        with the pool); without it only the prefix candidates are scored (flat in the
+        pool's size), which hold every entry above the threshold.
         """
         query = self._query(text)
         if query.length == 0 or not self._texts:
@@ -743,6 +764,14 @@ class NoveltyFilter:
                 return True, None, None
             best = self.max_similarity(text)
             return novel, best, None if novel else self.top_similar(text, 1)[0][0]
+        if score:
+            # The exact maximum is wanted anyway: one bounded pass over the pool gives it
+            # and the earliest entry reaching it (the prefix candidates would only add a
+            # pass).
+            best, entry = self._best(query)
+            if best > self.threshold:
+                return False, best, self._texts[entry]
+            return True, best, None
         candidates = self._prefix_candidates(query)
         if len(candidates):
             scores = self._score_many(query, candidates)
@@ -750,7 +779,40 @@ class NoveltyFilter:
             best = float(scores[top])
             if best > self.threshold:
                 return False, best, self._texts[int(candidates[top])]
-        return True, self._max_pruned(query, stop_above=None) if score else None, None
+        return True, None, None
+
+    def _best(self, query: _Query) -> tuple[float, int]:
+        """The exact maximum score and the earliest entry reaching it (-1: none shares
+        a token). Every entry whose bound reaches the maximum is scored, so ties at the
+        maximum are all seen."""
+        all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
+        first = int(np.argmax(all_bounds))
+        if all_bounds[first] == 0.0:
+            return 0.0, -1
+        best, arg = self._score(query, first), first
+        entries = np.flatnonzero(all_bounds >= best - _BOUND_EPS)
+        bounds = all_bounds[entries]
+        order = np.argsort(-bounds, kind="stable")
+        entries, bounds = entries[order], bounds[order]
+        n = len(entries)
+        head = min(n, _SCALAR_BATCH)
+        for k in range(head):
+            if bounds[k] < best - _BOUND_EPS:
+                return best, arg
+            entry = int(entries[k])
+            score = self._score(query, entry)
+            if score > best or (score == best and entry < arg):
+                best, arg = score, entry
+        if head == n:
+            return best, arg
+        rest = entries[head:][bounds[head:] >= best - _BOUND_EPS]
+        if len(rest) == 0:
+            return best, arg
+        scores = self._score_many(query, rest)
+        top = float(scores.max())
+        if top > best or (top == best and int(rest[scores == top].min()) < arg):
+            best, arg = top, int(rest[scores == top].min())
+        return best, arg
 
     def offer(self, text: str) -> bool:
         """Add ``text`` when it is novel (max similarity ``<= threshold``); say whether it was."""

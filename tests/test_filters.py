@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ensemble_async import filters
 from ensemble_async.filters import (
     BLACKLIST,
     ParsedInstance,
@@ -196,3 +199,26 @@ def test_clean_instruction_removes_every_eos() -> None:
 def test_unknown_kind_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown task kind"):
         parse_instance("other", "output: x")  # type: ignore[arg-type]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    words=st.lists(
+        st.sampled_from([*filters.BLACKLIST, "Imagine", "graphic", "flowchart", "a", "x", "Files"]),
+        min_size=4,
+        max_size=12,
+    )
+)
+def test_the_blacklist_prefilter_changes_no_decision(words: list[str]) -> None:
+    """One combined search decides whether any word is there; the word reported is the
+    first in BLACKLIST's order that matches, as one search per word finds."""
+    text = "Describe " + " ".join(words)
+    expected = next(
+        (f"blacklisted:{w}" for w, pattern in filters._BLACKLIST_RE if pattern.search(text)),
+        None,
+    )
+    reason = filters.instruction_reject_reason(text)
+    if expected is not None:
+        assert reason == expected
+    else:
+        assert reason is None or not reason.startswith("blacklisted:")

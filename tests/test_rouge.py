@@ -86,6 +86,15 @@ def test_rouge_l_equals_rouge_score_on_arbitrary_unicode(a: str, b: str, stem: b
     assert rouge_l(a, b, stem=stem) == reference(a, b, stem=stem)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), texts()), stem=st.booleans())
+def test_tokenize_equals_rouge_scores_tokenizer(text: str, stem: bool) -> None:
+    from rouge_score import tokenize as rs_tokenize
+
+    stemmer = rouge_scorer.tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer if stem else None
+    assert rouge_module.tokenize(text, stem=stem) == rs_tokenize.tokenize(text, stemmer)
+
+
 def _dp_lcs(a: list[str], b: list[str]) -> int:
     prev = [0] * (len(b) + 1)
     for x in a:
