@@ -27,6 +27,7 @@ Run: ``python bench/fleet.py`` (``--items 5000`` for a quick run).
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -214,8 +215,35 @@ async def raw_aiohttp(urls: Sequence[str], requests: int, concurrency: int) -> O
     return Outcome("raw aiohttp", requests, wall, cpu)
 
 
-Captured = list[tuple[str, bytes]]
-"""Requests as sent: (URL, body)."""
+class Captured:
+    """Requests as sent, (URL, body), kept in one byte buffer and two flat arrays: no
+    object per request, so holding 400,000 of them adds nothing for the garbage
+    collector to scan while the pipeline runs."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self._url_index: dict[str, int] = {}
+        self._blob = bytearray()
+        self._ends = array.array("q")
+        self._which = array.array("l")
+
+    def add(self, url: str, body: bytes) -> None:
+        index = self._url_index.get(url)
+        if index is None:
+            index = self._url_index[url] = len(self.urls)
+            self.urls.append(url)
+        self._blob += body
+        self._ends.append(len(self._blob))
+        self._which.append(index)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        start = 0
+        for end, which in zip(self._ends, self._which, strict=True):
+            yield self.urls[which], bytes(self._blob[start:end])
+            start = end
 
 
 async def raw_replay(captured: Captured, concurrency: int) -> Outcome:
@@ -241,14 +269,13 @@ async def raw_replay(captured: Captured, concurrency: int) -> Outcome:
 
 @contextlib.contextmanager
 def capturing(into: Captured) -> Iterator[None]:
-    """Record every request the library's HTTP client sends (about 0.3 us each)."""
+    """Record every request the library's HTTP client sends (well under 1 us each)."""
     original = Origin.request
 
     async def request(
         self: Origin, head: bytes, body: bytes, limit: int, error_limit: int
     ) -> Answer:
-        path = head.split(b" ", 2)[1].decode()
-        into.append((f"{self.scheme}://{self.host_header}{path}", body))
+        into.add(f"{self.scheme}://{self.host_header}{head.split(b' ', 2)[1].decode()}", body)
         return await original(self, head, body, limit, error_limit)
 
     Origin.request = request  # type: ignore[method-assign]
@@ -475,7 +502,7 @@ async def fleet_pipeline(args: argparse.Namespace) -> None:
     names = [n for n in ("writer", "a1", "a2") for _ in range(args.replicas)]
     fleet = Fleet.start(len(names), args.procs, args.latency, names, args.vocab)
     try:
-        captured: Captured = []
+        captured = Captured()
         outcome, kept, load = await pipeline_run(fleet, args, captured)
         base = await raw_aiohttp(fleet.urls, outcome.requests, args.in_flight * 3)
         replay = await raw_replay(captured, args.in_flight * 3)

@@ -134,6 +134,11 @@ def embedded_config(*, output: str | Path | None = None) -> Config:
 # ------------------------------------------------------------------------ backends
 
 
+RAY_HTTP_ACTOR_CPUS = 0.25
+"""CPUs reserved by each Ray actor that hosts a remote (HTTP) backend under ``--ray``,
+unless the backend's options say ``num_cpus``."""
+
+
 def _create(spec: BackendConfig, source: str, prefix: str, *, ray: str | None = None) -> Backend:
     """One backend; construction errors become ConfigError naming the key.  With ``ray``
     (``generate --ray``) the backend is hosted by a Ray actor on that cluster (kind
@@ -144,11 +149,16 @@ def _create(spec: BackendConfig, source: str, prefix: str, *, ray: str | None = 
 
     try:
         if ray is not None:
+            options = dict(spec.factory_options())
+            if spec.kind != "transformers":
+                # an actor that only waits on a server needs a fraction of a core; a
+                # whole one each would leave a small cluster unable to place them
+                options.setdefault("num_cpus", RAY_HTTP_ACTOR_CPUS)
             return create_backend(
                 "ray",
                 hosted_kind=spec.kind,
                 address=None if ray == "local" else ray,
-                **spec.factory_options(),
+                **options,
             )
         return create_backend(spec.kind, **spec.factory_options())
     except UnknownBackendError as exc:

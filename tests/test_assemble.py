@@ -64,6 +64,26 @@ def test_cache_identity_is_the_local_model_path() -> None:
     assert cache_identity(server) is None
 
 
+def test_ray_hosted_http_backends_reserve_a_fraction_of_a_core() -> None:
+    """Under --ray an actor that only waits on a server reserves RAY_HTTP_ACTOR_CPUS
+    (a small cluster can place many), unless the options say otherwise; a local model's
+    actor keeps a whole core. Nothing starts Ray here: actors spawn on first use."""
+    pytest.importorskip("ray")
+    from types import MappingProxyType
+
+    from ensemble_async.assemble import RAY_HTTP_ACTOR_CPUS, _create
+
+    server = BackendConfig(name="s", kind="tgi", url="http://127.0.0.1:9")
+    hosted = _create(server, "cfg.toml", "backends.s", ray="local")
+    assert getattr(hosted, "num_cpus", None) == RAY_HTTP_ACTOR_CPUS < 1
+    pinned = BackendConfig(
+        name="p", kind="openai", url="http://127.0.0.1:9", options=MappingProxyType({"num_cpus": 2})
+    )
+    assert getattr(_create(pinned, "cfg.toml", "backends.p", ray="local"), "num_cpus", None) == 2
+    local = BackendConfig(name="m", kind="transformers", model="/models/x")
+    assert getattr(_create(local, "cfg.toml", "backends.m", ray="local"), "num_cpus", None) == 1
+
+
 class Lister(BaseBackend):
     """Healthy, lists ``models``, answers one token."""
 
