@@ -391,6 +391,7 @@ async def pipeline_run(
         queue_size=2 * args.stage_concurrency,
     )
     sink = MemoryRecordSink()
+    watcher: asyncio.Task[None] | None = None
     try:
         for m in members:
             await m.start()
@@ -401,17 +402,47 @@ async def pipeline_run(
             settings=settings,
             sink=sink,
         )
+        watcher = (
+            asyncio.create_task(watch(members, sets, sink, args.watch)) if args.watch else None
+        )
         with capturing(captured) if captured is not None else contextlib.nullcontext():
             wall, cpu = time.perf_counter(), time.process_time()
             summary = await pipeline.run()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for m in members:
             await m.aclose()
     per_replica = _per_replica(sets)
     requests = sum(per_replica.values())
     outcome = Outcome("pipeline (generate)", requests, wall, cpu)
     return outcome, summary.records_written, spread(per_replica)
+
+
+async def watch(
+    members: Sequence[Member], sets: Sequence[ReplicaSet], sink: MemoryRecordSink, every: float
+) -> None:
+    """Every ``every`` seconds, one line on stderr: records so far, the client's CPU share,
+    and per member its requests in flight, admission limit, retries and errors, and
+    replicas in service (to see why a run slows down, if it does)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    while True:
+        await asyncio.sleep(every)
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        share = (now_cpu - cpu) / max(1e-9, now_wall - wall)
+        wall, cpu = now_wall, now_cpu
+        parts = [
+            f"{m.name}: {m.stats.in_flight} in flight, limit {m.limiter.limit}, "
+            f"{m.stats.retried} retried, errors {dict(m.stats.errors)}, "
+            f"{sum(r.in_service for r in s.replicas)}/{len(s.replicas)} in service"
+            for m, s in zip(members, sets, strict=True)
+        ]
+        print(
+            f"[watch] {len(sink.records)} records, client CPU {share:.0%}; " + "; ".join(parts),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def fault_plan(groups: Sequence[Sequence[str]]) -> tuple[list[str], list[str]]:
@@ -547,6 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="pipeline: steps 2 and 3 in flight (128)",
     )
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--watch",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="pipeline: every S seconds print progress, admission limits and errors",
+    )
     parser.add_argument(
         "--vocab",
         choices=("zipf", "small"),
