@@ -254,7 +254,6 @@ class HTTPTransport:
             sock_read=read_timeout if read_timeout is not None else timeout,
         )
         self._closed = False
-        self._urls: dict[str, str] = {}
         self._origin: Origin | None = None
         if wire:
             self._origin = Origin(
@@ -363,16 +362,21 @@ class HTTPTransport:
                 raise
             raise mapped from exc
 
+    def _status_error(self, status: int, body: bytes, retry_after: str | None) -> BackendError:
+        """Our error for an answer with status >= 400 and (at most ``max_error_bytes`` of)
+        its body."""
+        return error_from_status(
+            status,
+            error_message(self._decode(body)),  # scrubbed before any cut
+            backend=self.backend,
+            retry_after=parse_retry_after(retry_after),
+        )
+
     async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status < 400:
             return
         body = await read_capped(resp, self.max_error_bytes, strict=False)
-        raise error_from_status(
-            resp.status,
-            error_message(self._decode(body)),  # scrubbed before any cut
-            backend=self.backend,
-            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-        )
+        raise self._status_error(resp.status, body, resp.headers.get("Retry-After"))
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, str]:
         """GET returning (status, scrubbed body text); errors only for transport failures
@@ -408,50 +412,35 @@ class HTTPTransport:
         ``response_headers``: the answer headers to read, as the keys of this dict; each
         one the answer has (matched without regard to case) gets its value.
 
-        This runs once per generation request, so it avoids per-call helpers: the body
-        is encoded here (``jsonio``: orjson when installed) and errors are translated
-        by a plain ``except`` rather than a generator-based context manager.
+        This runs once per generation request: the body is encoded once (``jsonio``:
+        orjson when installed), and the lean client's path (``_exchange``) translates
+        errors by a plain ``except`` rather than a generator-based context manager.
         """
         body = jsonio.dumps(payload)
         if self._origin is not None:
             status, headers, raw = await self._exchange("POST", path, body)
             if status >= 400:
-                raise error_from_status(
-                    status,
-                    error_message(self._decode(raw)),  # scrubbed before any cut
-                    backend=self.backend,
-                    retry_after=parse_retry_after(headers.get("retry-after")),
-                )
-            raw = self.scrubber.scrub_bytes(raw)
+                raise self._status_error(status, raw, headers.get("retry-after"))
             if response_headers:
                 for name in response_headers:
                     value = headers.get(name.lower())
                     if value is not None:
                         response_headers[name] = value
-            return self._parse(raw)
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = self.url(path)
-        try:
-            async with self.session.post(
-                url, data=body, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                if resp.status >= 400:
-                    await self._raise_for_status(resp)
-                raw = self.scrubber.scrub_bytes(
-                    await read_capped(resp, self.max_response_bytes, backend=self.backend)
-                )
+        else:
+            async with (
+                self._translate(),
+                self.session.post(
+                    self.url(path), data=body, headers=self._headers, timeout=self._timeout
+                ) as resp,
+            ):
+                await self._raise_for_status(resp)
+                raw = await read_capped(resp, self.max_response_bytes, backend=self.backend)
                 if response_headers:
                     for name in response_headers:
                         value = resp.headers.get(name)
                         if value is not None:
                             response_headers[name] = value
-        except Exception as exc:
-            mapped = self._translated(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        return self._parse(raw)
+        return self._parse(self.scrubber.scrub_bytes(raw))
 
     def _parse(self, raw: bytes) -> Any:
         try:

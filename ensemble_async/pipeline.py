@@ -716,10 +716,10 @@ class Pipeline:
             rid = _reject_id(settings.seed, "instructions", kind, attempt, result.text)
             await self._submit(Reject(id=rid, **base, reason=extracted.reason, text=result.text))
             return None
-        # One pass: the decision (flat in the pool's size, by prefix filtering), and the
-        # exact maximum. Above the threshold the maximum and the most similar entry are
-        # cheap; below it the maximum needs every entry, so it is recorded only while
-        # the pool is small.
+        # One call: the decision, and the exact maximum while the pool is small (one
+        # bounded pass over every entry, so its cost grows with the pool). Past that
+        # only the decision (flat in the pool's size, by prefix filtering), with the
+        # maximum and the most similar entry for a rejection (cheap above the threshold).
         novel, score, similar = novelty.judge(
             extracted, score=len(novelty) <= EXACT_NOVELTY_SCORE_POOL
         )

@@ -652,45 +652,30 @@ class NoveltyFilter:
                 best = float(self._score_many(query, candidates).max())
                 if best > self.threshold:
                     return best  # every pair above the threshold is a candidate
-        return self._max_pruned(query, stop_above=None)
+        return self._best(query)[0]
 
-    def _max_pruned(self, query: _Query, stop_above: float | None) -> float:
-        """Exact max score; with ``stop_above``, stop at the first score above it.
-
-        With ``stop_above`` the result is exact only in how it compares with
-        ``stop_above`` (which is all that a threshold decision needs).
-        """
-        # Bounds over the whole pool (0 where nothing is shared), in one vector pass:
-        # cheaper than gathering every sharing entry first, as most of them are then
-        # pruned by the floor. Same arithmetic, so the same bits, as ``_bounded``.
+    def _max_pruned(self, query: _Query, stop_above: float) -> float:
+        """Whether some entry scores above ``stop_above``, by bound-pruned scoring that
+        stops at the first such score: the result is exact only in how it compares with
+        ``stop_above``. (The decision method before prefix filtering; ``bench/novelty.py``
+        measures against it.)"""
         all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
-        first = int(np.argmax(all_bounds))
-        if all_bounds[first] == 0.0:
-            return 0.0  # no entry shares a token
-        best = 0.0
-        if stop_above is None:
-            # Score the entry with the best bound first: its score is a floor for the max.
-            best = self._score(query, first)
-            floor = best
-        else:
-            floor = stop_above
-        entries = np.flatnonzero((all_bounds >= floor - _BOUND_EPS) & (all_bounds > 0.0))
+        entries = np.flatnonzero((all_bounds >= stop_above - _BOUND_EPS) & (all_bounds > 0.0))
         bounds = all_bounds[entries]
         order = np.argsort(-bounds, kind="stable")
         entries, bounds = entries[order], bounds[order]
         n = len(entries)
         head = min(n, _SCALAR_BATCH)
+        best = 0.0
         for k in range(head):
-            if bounds[k] < max(best, floor) - _BOUND_EPS:
+            if bounds[k] < max(best, stop_above) - _BOUND_EPS:
                 return best
-            score = self._score(query, int(entries[k]))
-            if score > best:
-                best = score
-                if stop_above is not None and best > stop_above:
-                    return best
+            best = max(best, self._score(query, int(entries[k])))
+            if best > stop_above:
+                return best
         if head == n:
             return best
-        rest = entries[head:][bounds[head:] >= max(best, floor) - _BOUND_EPS]
+        rest = entries[head:][bounds[head:] >= max(best, stop_above) - _BOUND_EPS]
         if len(rest) == 0:
             return best
         return max(best, float(self._score_many(query, rest).max()))
@@ -784,7 +769,12 @@ class NoveltyFilter:
     def _best(self, query: _Query) -> tuple[float, int]:
         """The exact maximum score and the earliest entry reaching it (-1: none shares
         a token). Every entry whose bound reaches the maximum is scored, so ties at the
-        maximum are all seen."""
+        maximum are all seen.
+
+        Bounds are made over the whole pool in one vector pass (0 where nothing is
+        shared; the same arithmetic, so the same bits, as ``_bounded``): cheaper than
+        gathering every sharing entry first, as most are then pruned. The entry with the
+        best bound is scored first: its score is a floor for the maximum."""
         all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
         first = int(np.argmax(all_bounds))
         if all_bounds[first] == 0.0:

@@ -105,7 +105,6 @@ class _Connection(asyncio.Protocol):
         "last_data",
         "length",
         "limit",
-        "lost",
         "received",
         "scanned",
         "state",
@@ -122,7 +121,6 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiter: asyncio.Future[Answer] | None = None
         self.closed = False
-        self.lost: BaseException | None = None
         self.state = self._IDLE
         self.scanned = 0
         self.status = 0
@@ -163,7 +161,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.lost = exc
         if self.state == self._BODY and self.framing == _Framing.CLOSE:
             self._finish()  # the end of the connection is the end of this body
             return
