@@ -329,10 +329,15 @@ _Outcome: TypeAlias = Record | Reject | Deferred | _Present
 class _Committer:
     """Hands outcomes to ``emit`` in the order (k, kind) whatever order they finish in.
 
-    ``admit`` keeps what is held bounded: at most ``room`` instructions are between
-    step 2 and their turn at once (in a stage, in a queue, or finished and waiting),
-    except the one whose turn it is, which is always let in -- so a stalled kind makes
-    the other wait instead of piling up outcomes, and can never be starved itself."""
+    ``admit`` keeps what is held bounded (in a stage, in a queue, or finished and
+    waiting): a new instruction enters step 2 while fewer than ``room`` are held, or when
+    its turn comes before that of one already let in. The second rule keeps a kind that
+    lags (a lower acceptance rate) from being starved or serialised: its instructions are
+    the ones the held outcomes wait for, so they must run side by side, not one at a time
+    as each becomes due (which slowed a whole run to one instruction per round trip).
+    Each kind holds at most ``room + 1`` (the ones let in by the second rule sort before
+    the latest let in by the first, and a kind is admitted in index order), so a stalled
+    kind makes the other wait instead of piling up outcomes."""
 
     def __init__(self, room: int) -> None:
         self._room = room
@@ -340,6 +345,7 @@ class _Committer:
         self._next: dict[TaskKind, int] = dict.fromkeys(KINDS, 0)
         self._total: dict[TaskKind, int | None] = dict.fromkeys(KINDS, None)
         self._outstanding = 0
+        self._frontier: tuple[int, int] = (-1, -1)  # latest turn let in, (index, rank)
         self._changed = asyncio.Condition()
         self.most_held = 0
 
@@ -349,11 +355,15 @@ class _Committer:
 
     async def admit(self, kind: TaskKind, index: int) -> None:
         """Wait until the instruction at (``index``, ``kind``) may enter step 2."""
+        turn = (index, KINDS.index(kind))
         async with self._changed:
             await self._changed.wait_for(
-                lambda: self._outstanding < self._room or self._due() == (index, kind)
+                lambda: self._outstanding < self._room
+                or turn < self._frontier
+                or self._due() == (index, kind)
             )
             self._outstanding += 1
+            self._frontier = max(self._frontier, turn)
 
     async def offer(self, kind: TaskKind, index: int, outcome: _Outcome) -> None:
         async with self._changed:

@@ -316,9 +316,47 @@ async def test_a_stalled_kind_bounds_what_the_committer_holds() -> None:
     assert committer.most_held <= 3 + 1  # the room, and the one due
 
 
-async def test_pipeline_holds_at_most_queue_size_outcomes(tmp_path: Path) -> None:
+async def test_a_lagging_kind_runs_side_by_side_not_one_at_a_time() -> None:
+    """The kind the held outcomes wait for may bring in its earlier turns all at once;
+    before, each waited for the previous one's emission (a whole fleet run crawled at
+    one instruction per round trip)."""
+    committer = _Committer(room=3)
+    emitted: list[tuple[str, int]] = []
+
+    async def emit(kind: str, outcome: object) -> None:
+        assert isinstance(outcome, Deferred)
+        emitted.append((kind, outcome.instruction_index or 0))
+
+    runner = asyncio.create_task(committer.run(emit))
+    for index in range(4):  # input_output runs ahead: 0 is written, 1..3 wait for output
+        await asyncio.wait_for(committer.admit("input_output", index), 5)
+        await committer.offer("input_output", index, Deferred("answers", "x", "r", 0, instruction_index=index))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert emitted == [("input_output", 0)] and committer.held == 3
+    # output 0, 1 and 2 all come before input_output 3: let in together, none written yet
+    for index in range(3):
+        await asyncio.wait_for(committer.admit("output", index), 5)
+    assert emitted == [("input_output", 0)]
+    # output 3 comes after everything let in and the room is full: it waits
+    late = asyncio.create_task(committer.admit("output", 3))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not late.done()
+    for index in (2, 1, 0):  # finish in any order; written in turn order
+        await committer.offer("output", index, Deferred("answers", "x", "r", 0, instruction_index=index))
+    await asyncio.wait_for(late, 5)
+    await committer.offer("output", 3, Deferred("answers", "x", "r", 0, instruction_index=3))
+    await committer.finish("output", 4)
+    await committer.finish("input_output", 4)
+    await asyncio.wait_for(runner, 5)
+    assert emitted == [(k, i) for i in range(4) for k in ("input_output", "output")]
+    assert committer.most_held <= 2 * (3 + 1)  # room + 1 per kind
+
+
+async def test_pipeline_holds_a_bounded_number_of_outcomes(tmp_path: Path) -> None:
     summary, pipeline = await _run(
         tmp_path / "r.jsonl", targets={"input_output": 40, "output": 10}, queue_size=4
     )
     assert summary.records_written > 10
-    assert pipeline._committer.most_held <= 4 + 1  # queue_size, and the one due
+    assert pipeline._committer.most_held <= 2 * (4 + 1)  # queue_size + 1 per kind
