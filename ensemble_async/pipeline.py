@@ -358,9 +358,11 @@ class _Committer:
         turn = (index, KINDS.index(kind))
         async with self._changed:
             await self._changed.wait_for(
-                lambda: self._outstanding < self._room
-                or turn < self._frontier
-                or self._due() == (index, kind)
+                lambda: (
+                    self._outstanding < self._room
+                    or turn < self._frontier
+                    or self._due() == (index, kind)
+                )
             )
             self._outstanding += 1
             self._frontier = max(self._frontier, turn)

@@ -330,7 +330,9 @@ async def test_a_lagging_kind_runs_side_by_side_not_one_at_a_time() -> None:
     runner = asyncio.create_task(committer.run(emit))
     for index in range(4):  # input_output runs ahead: 0 is written, 1..3 wait for output
         await asyncio.wait_for(committer.admit("input_output", index), 5)
-        await committer.offer("input_output", index, Deferred("answers", "x", "r", 0, instruction_index=index))
+        await committer.offer(
+            "input_output", index, Deferred("answers", "x", "r", 0, instruction_index=index)
+        )
     for _ in range(50):
         await asyncio.sleep(0)
     assert emitted == [("input_output", 0)] and committer.held == 3
@@ -344,7 +346,9 @@ async def test_a_lagging_kind_runs_side_by_side_not_one_at_a_time() -> None:
         await asyncio.sleep(0)
     assert not late.done()
     for index in (2, 1, 0):  # finish in any order; written in turn order
-        await committer.offer("output", index, Deferred("answers", "x", "r", 0, instruction_index=index))
+        await committer.offer(
+            "output", index, Deferred("answers", "x", "r", 0, instruction_index=index)
+        )
     await asyncio.wait_for(late, 5)
     await committer.offer("output", 3, Deferred("answers", "x", "r", 0, instruction_index=3))
     await committer.finish("output", 4)
