@@ -50,11 +50,14 @@ from .errors import ConnectError, MalformedResponseError, RequestTimeoutError, R
 __all__ = ["MAX_HEAD_BYTES", "Answer", "Origin", "build_head", "check_header"]
 
 MAX_HEAD_BYTES = 64 * 1024
-"""The longest status line and headers accepted in one answer."""
+"""The longest status line and headers accepted in one answer (with the blank line
+that ends them)."""
 
 Answer = tuple[int, dict[str, str], bytes]
 """What a request gives back: the status, the headers (names in lower case; repeated
 names joined with ``", "``) and the body (decoded when the server compressed it)."""
+
+_HEX = b"0123456789abcdefABCDEF"
 
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -96,6 +99,7 @@ class _Connection(asyncio.Protocol):
         "buffer",
         "chunk_left",
         "closed",
+        "codings",
         "cut",
         "error_limit",
         "framing",
@@ -128,6 +132,7 @@ class _Connection(asyncio.Protocol):
         self.framing = _Framing.LENGTH
         self.length = 0
         self.chunk_left = -1
+        self.codings: list[str] = []
         self.body = bytearray()
         self.limit = 0
         self.error_limit = 0
@@ -161,8 +166,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.state == self._BODY and self.framing == _Framing.CLOSE:
-            self._finish()  # the end of the connection is the end of this body
+        if self.state == self._BODY and self.framing == _Framing.CLOSE and exc is None:
+            # the end of the connection is the end of this body; a reset or a
+            # failed read (exc) is not an end, and the body is incomplete
+            self._finish()
             return
         if self.waiter is not None and not self.waiter.done():
             what = f": {type(exc).__name__}: {exc}" if exc is not None else ""
@@ -214,11 +221,12 @@ class _Connection(asyncio.Protocol):
         while True:
             buffer = self.buffer
             end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
+            # the same bound whether the head arrives in one read or in many
+            if (end + 4 if end >= 0 else len(buffer) + 1) > MAX_HEAD_BYTES:
+                raise MalformedResponseError(
+                    f"answer head is over the limit of {MAX_HEAD_BYTES} bytes"
+                )
             if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    raise MalformedResponseError(
-                        f"answer head is over the limit of {MAX_HEAD_BYTES} bytes"
-                    )
                 self.scanned = len(buffer)
                 return
             head = bytes(buffer[:end]).decode("latin-1")
@@ -243,10 +251,25 @@ class _Connection(asyncio.Protocol):
             if status >= 400:
                 self.limit = self.error_limit
                 self.cut = True  # an error body is cut, never refused
+            # codings to undo, last applied first: content codings, then transfer
+            # codings other than the final chunked
+            encoding = headers.get("content-encoding")
+            self.codings = _codings(encoding) if encoding else []
+            transfer = headers.get("transfer-encoding")
+            codings = _codings(transfer) if transfer else []
             if status in (204, 304):
                 self.framing, self.length = _Framing.LENGTH, 0
-            elif "chunked" in headers.get("transfer-encoding", "").lower():
-                self.framing, self.chunk_left = _Framing.CHUNKED, -1
+            elif codings:
+                # the transfer codings frame the answer, whatever a Content-Length says
+                # (a sign of a broken server: the connection is not reused after it)
+                if codings[-1] == "chunked":
+                    self.framing, self.chunk_left = _Framing.CHUNKED, -1
+                    codings.pop()
+                else:  # chunked is not the last coding: the close ends the body
+                    self.framing, self.keep_alive = _Framing.CLOSE, False
+                self.codings += codings
+                if "content-length" in headers:
+                    self.keep_alive = False
             elif "content-length" in headers:
                 self.framing, self.length = _Framing.LENGTH, _content_length(headers)
                 if self.length > self.limit and not self.cut:
@@ -287,12 +310,10 @@ class _Connection(asyncio.Protocol):
                         raise MalformedResponseError("chunk size line is too long")
                     break
                 size_text = bytes(buffer[pos:eol]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise MalformedResponseError(f"bad chunk size {size_text[:20]!r}") from None
-                if size < 0:
+                # hex digits only (int(x, 16) also takes "+", "_" and "0x")
+                if not size_text or size_text.strip(_HEX) or len(size_text) > 16:
                     raise MalformedResponseError(f"bad chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
                 if size == 0:
                     # the last chunk: trailers (skipped) end with an empty line
                     if buffer.startswith(b"\r\n", eol + 2):
@@ -342,13 +363,13 @@ class _Connection(asyncio.Protocol):
         self.state = self._DONE
         body = bytes(self.body)
         self.body = bytearray()
-        encoding = self.headers.get("content-encoding", "identity").lower()
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        if encoding not in ("", "identity"):
+        if self.codings:
             try:
-                body = _decompress(body, encoding, self.limit, self.cut)
+                for coding in reversed(self.codings):
+                    body = _decompress(body, coding, self.limit, self.cut)
             except MalformedResponseError as exc:
                 waiter.set_exception(exc)
                 return
@@ -384,13 +405,16 @@ def _parse_headers(text: str) -> dict[str, str]:
 
 def _status_line(line: str) -> tuple[int, str]:
     parts = line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3:
+    # three ASCII digits, 100 or more (int() alone takes "+20", " 20", "2_0")
+    if (
+        len(parts) < 2
+        or not parts[0].startswith("HTTP/1.")
+        or len(parts[1]) != 3
+        or not (parts[1].isascii() and parts[1].isdigit())
+        or parts[1] < "100"
+    ):
         raise MalformedResponseError(f"not an HTTP/1.x status line: {line[:80]!r}")
-    try:
-        status = int(parts[1])
-    except ValueError:
-        raise MalformedResponseError(f"not an HTTP/1.x status line: {line[:80]!r}") from None
-    return status, parts[0][5:]
+    return int(parts[1]), parts[0][5:]
 
 
 def _content_length(headers: dict[str, str]) -> int:
@@ -398,28 +422,57 @@ def _content_length(headers: dict[str, str]) -> int:
     if len(values) != 1:
         raise MalformedResponseError("answer has conflicting Content-Length headers")
     value = values.pop()
-    if not value.isdigit():
+    # ASCII digits only ("\xb2" is a digit to str.isdigit, not to int()), and few
+    # enough that int() takes them (it refuses over 4300)
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise MalformedResponseError(f"bad Content-Length {value[:20]!r}")
     return int(value)
 
 
+def _codings(value: str) -> list[str]:
+    """A Content-Encoding or Transfer-Encoding value as its codings, in the order they
+    were applied, in lower case (``identity`` left out)."""
+    codings = [c.strip(" \t").lower() for c in value.split(",")]
+    return [c for c in codings if c and c != "identity"]
+
+
 def _decompress(body: bytes, encoding: str, limit: int, cut: bool) -> bytes:
+    """``body`` with ``encoding`` undone, at most ``limit`` bytes of it (``cut``: an
+    error body, cut there, whose stream may end early; else over the limit is a
+    ``ResponseTooLargeError`` and a stream that ends early a ``MalformedResponseError``).
+    A gzip body may hold several members, one after another."""
     if encoding in ("gzip", "x-gzip"):
         wbits = 16 + zlib.MAX_WBITS
     elif encoding == "deflate":
         wbits = zlib.MAX_WBITS
     else:
-        raise MalformedResponseError(f"answer has unsupported Content-Encoding {encoding!r}")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise MalformedResponseError(f"answer body does not decode as {encoding}: {exc}") from None
-    if len(out) > limit:
-        if not cut:
-            raise ResponseTooLargeError(f"answer is over the limit of {limit} bytes")
-        out = out[:limit]
-    return out
+        raise MalformedResponseError(f"answer has unsupported coding {encoding!r}")
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(body, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise MalformedResponseError(
+                f"answer body does not decode as {encoding}: {exc}"
+            ) from None
+        if len(out) > limit:
+            if not cut:
+                raise ResponseTooLargeError(f"answer is over the limit of {limit} bytes")
+            return bytes(out[:limit])
+        if not inflater.eof:
+            if cut:
+                return bytes(out)
+            raise MalformedResponseError(
+                f"answer body is cut short (its {encoding} stream ends early)"
+            )
+        body = inflater.unused_data
+        if wbits != zlib.MAX_WBITS:
+            body = body.lstrip(b"\0")  # zero padding after a member, as gzip(1) allows
+        if not body:
+            return bytes(out)
+        if wbits == zlib.MAX_WBITS:
+            raise MalformedResponseError("answer body has bytes after its deflate stream")
 
 
 class Origin:

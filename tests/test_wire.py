@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -219,6 +221,120 @@ async def test_gzip_body_is_decoded(serve: Serve) -> None:
         await origin.aclose()
 
 
+async def test_gzip_members_are_all_decoded(serve: Serve) -> None:
+    # gzip allows a stream of several members (as a compressor flushed between
+    # writes), and zero padding after them; the body is all of them, never the first
+    packed = gzip.compress(b'{"generated_text": ') + gzip.compress(b'"hi"}') + b"\0\0"
+    server = await serve(
+        keep_answering(lambda i: answer(packed, extra="Content-Encoding: gzip\r\n"))
+    )
+    origin = Origin(server.url)
+    try:
+        assert (await post(origin))[2] == b'{"generated_text": "hi"}'
+    finally:
+        await origin.aclose()
+
+
+async def test_transfer_codings_frame_the_answer_and_are_undone(serve: Serve) -> None:
+    text = b'{"generated_text": "hi"}'
+    packed = gzip.compress(text)
+    answers = [
+        # gzip under chunked: chunked frames it, the gzip is undone
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"
+        + b"%x\r\n%b\r\n0\r\n\r\n" % (len(packed), packed),
+        # chunked and a Content-Length: chunked frames it; the connection is not reused
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        # chunked is not the last coding: the close frames it, whatever the length says
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 4\r\n\r\n" + packed,
+    ]
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while len(server.requests) < len(answers):
+                await server.read_request(reader)
+                writer.write(answers[len(server.requests) - 1])
+                await writer.drain()
+                if len(server.requests) == 3:
+                    return  # and close
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        got = [(await post(origin))[2] for _ in answers]
+    finally:
+        await origin.aclose()
+    assert got == [text, b"hello", text]
+    assert server.connections == 2
+
+
+async def test_a_close_delimited_answer_broken_off_by_a_reset_is_not_an_answer(
+    serve: Serve,
+) -> None:
+    reset = asyncio.Event()
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"generated_text": "hal')
+            await writer.drain()
+            await reset.wait()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # a reset, not a clean end
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        task = asyncio.create_task(post(origin))
+        async with asyncio.timeout(10):
+            while not any(conn.body for conn in origin._open):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # until the client holds part of the body
+        reset.set()
+        with pytest.raises(MalformedResponseError, match="mid-answer: ConnectionResetError"):
+            await asyncio.wait_for(task, 10)
+    finally:
+        await origin.aclose()
+
+
+async def test_the_head_limit_holds_exactly_however_the_head_arrives(serve: Serve) -> None:
+    def head(size: int) -> bytes:  # a head of `size` bytes, its closing blank line included
+        start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
+        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    cases = [(size, split) for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1) for split in (0, 1)]
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                size, split = cases[len(server.requests) - 1]
+                data = head(size) + b"ok"
+                cut = len(data) - 2 - split  # whole, or all but the last byte of the head
+                writer.write(data[:cut])
+                await writer.drain()
+                writer.write(data[cut:])
+                await writer.drain()
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        for size, _ in cases:
+            if size <= MAX_HEAD_BYTES:
+                assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
+            else:
+                with pytest.raises(MalformedResponseError, match="head is over the limit"):
+                    await asyncio.wait_for(post(origin), 10)
+    finally:
+        await origin.aclose()
+
+
 async def test_bodies_are_bounded_and_error_bodies_cut(serve: Serve) -> None:
     big = b"x" * 5000
     chunked_big = (
@@ -244,6 +360,9 @@ async def test_bodies_are_bounded_and_error_bodies_cut(serve: Serve) -> None:
     assert (status, body) == (500, b"x" * 100)
 
 
+_PACKED = gzip.compress(b'{"generated_text": "%b"}' % (bytes(range(48, 123)) * 4))
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -258,6 +377,28 @@ async def test_bodies_are_bounded_and_error_bodies_cut(serve: Serve) -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\nok", "unsupported"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly", "closed the connection mid-answer"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        # numbers are digits only (Python's int() also takes signs, underscores, "0x",
+        # and non-ASCII digits; and refuses over 4300 digits with a ValueError)
+        (b"HTTP/1.1 +20 OK\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "bad Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n",
+            "bad chunk",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n",
+            "bad chunk",
+        ),
+        # a compressed body that ends before its stream does was cut short
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + _PACKED[:40], "cut short"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 40\r\n\r\n"
+            + _PACKED[:40],
+            "cut short",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + _PACKED + b"junk", "decode"),
     ],
 )
 async def test_broken_answers_are_malformed(serve: Serve, raw: bytes, message: str) -> None:
