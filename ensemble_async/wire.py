@@ -371,8 +371,12 @@ class _Connection(asyncio.Protocol):
                 for coding in reversed(self.codings):
                     body = _decompress(body, coding, self.limit, self.cut)
             except MalformedResponseError as exc:
-                waiter.set_exception(exc)
-                return
+                if not self.cut:
+                    waiter.set_exception(exc)
+                    return
+                # an error answer: its status decides what the caller does; the
+                # body, only a message, says why there is none
+                body = str(exc).encode()
         waiter.set_result((self.status, self.headers, body))
 
 

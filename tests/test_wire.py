@@ -17,6 +17,7 @@ import pytest
 
 from ensemble_async import http
 from ensemble_async.errors import (
+    AuthenticationError,
     BadRequestError,
     ConnectError,
     MalformedResponseError,
@@ -233,6 +234,26 @@ async def test_gzip_members_are_all_decoded(serve: Serve) -> None:
         assert (await post(origin))[2] == b'{"generated_text": "hi"}'
     finally:
         await origin.aclose()
+
+
+async def test_an_error_answer_whose_body_does_not_decode_keeps_its_status(serve: Serve) -> None:
+    # the status decides the error's class (here: fatal, never retried); a body that
+    # does not decode only loses the server's message
+    server = await serve(
+        keep_answering(
+            lambda i: answer(
+                b"\x1f\x8bnot gzip",
+                status="401 Unauthorized",
+                extra="Content-Encoding: gzip\r\n",
+            )
+        )
+    )
+    transport = http.HTTPTransport(server.url, backend="b")
+    try:
+        with pytest.raises(AuthenticationError, match="does not decode as gzip"):
+            await transport.post_json("/generate", {})
+    finally:
+        await transport.aclose()
 
 
 async def test_transfer_codings_frame_the_answer_and_are_undone(serve: Serve) -> None:
