@@ -383,15 +383,22 @@ class _Connection(asyncio.Protocol):
 _HEADER_LINE = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
 """One header line, from the CRLF before it to the CRLF after it (not consumed)."""
 
+_FOLD = re.compile(r"\r\n[ \t]+")
+"""An obsolete line fold: a line break and the spaces that start the next line."""
+
 
 def _parse_headers(text: str) -> dict[str, str]:
     """Header lines (CRLF-separated, no final CRLF) as a dict: names in lower case,
     repeated names joined with ``", "``. One regular-expression pass; a line that is
-    not ``name: value`` is a ``MalformedResponseError`` naming it."""
+    not ``name: value`` (nor the folded rest of one) is a ``MalformedResponseError``
+    naming it."""
     if not text:
         return {}
     pairs = _HEADER_LINE.findall(f"\r\n{text}\r\n")
     if len(pairs) != text.count("\r\n") + 1:
+        if "\r\n " in text or "\r\n\t" in text:
+            # obsolete line folding: the value goes on, read as one space
+            return _parse_headers(_FOLD.sub(" ", text))
         for line in text.split("\r\n"):
             found = _HEADER_LINE.match(f"\r\n{line}\r\n")
             if found is None or found.end() != len(line) + 2:

@@ -635,7 +635,11 @@ def test_header_lines_are_parsed_strictly_and_repeats_joined() -> None:
         "x-a": "v v, 2",
         "empty": "",
     }
+    # obsolete line folding: a line that starts with a space or tab continues the
+    # value before it, read as one space
+    assert _parse_headers("X-A: 1\r\n  2\r\n\t3\r\nB: 4") == {"x-a": "1 2 3", "b": "4"}
     for bad, line in [
+        (" A: 1\r\nB: 2", " A: 1"),
         ("A: 1\r\na b: c", "a b: c"),
         ("A: 1\r\n: v", ": v"),
         ("A: 1\nB: 2", "A: 1\nB: 2"),
