@@ -166,9 +166,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.state == self._BODY and self.framing == _Framing.CLOSE and exc is None:
-            # the end of the connection is the end of this body; a reset or a
-            # failed read (exc) is not an end, and the body is incomplete
+        # the end of the connection is the end of a body framed by it; a reset or a
+        # failed read (exc) is not an end, and a success's body is then incomplete
+        # (an error answer's is only a message: its status is what counts)
+        if (
+            self.state == self._BODY
+            and self.framing == _Framing.CLOSE
+            and (exc is None or self.cut)
+        ):
             self._finish()
             return
         if self.waiter is not None and not self.waiter.done():
