@@ -20,8 +20,9 @@ What it does, so that real servers' habits are met:
   twice here: a connection that breaks with the request on it is a ``ConnectError``,
   and the member's retry policy decides.
 * answers framed by ``Content-Length``, by chunked transfer coding (trailers skipped),
-  or by the end of the connection; ``1xx`` interim answers skipped; ``Connection:
-  close`` and HTTP/1.0 honoured; ``gzip``/``deflate`` bodies decoded (never asked for).
+  or by the end of the connection (a reset is not an end); ``1xx`` interim answers
+  skipped; ``Connection: close`` and HTTP/1.0 honoured; ``gzip``/``deflate`` content
+  or transfer codings undone (never asked for), a stream that ends early refused.
 * bounds: the head at most ``MAX_HEAD_BYTES``; the body at most ``limit`` bytes while
   it arrives (``ResponseTooLargeError``), or for answers with status >= 400 cut at
   ``error_limit`` bytes; silence on the socket longer than ``read_timeout`` is a
