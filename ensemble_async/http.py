@@ -18,6 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -226,6 +227,13 @@ class HTTPTransport:
     ) -> None:
         if max_response_bytes < 1 or max_error_bytes < 1:
             raise ValueError("max_response_bytes and max_error_bytes must be >= 1")
+        if "@" in urlsplit(base_url).netloc:
+            # it would be echoed in every connection error, and sent by neither client
+            # the same way; the URL itself is not quoted (the part before "@" is secret)
+            raise ValueError(
+                f"backend {backend!r}: the base URL carries credentials (user:password@); "
+                "pass the key as api_key instead"
+            )
         if wire is None:
             wire = WIRE and (session is None or session in _OURS)
         self.max_response_bytes = max_response_bytes

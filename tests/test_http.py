@@ -207,3 +207,14 @@ async def test_the_transport_scrubs_bodies(server: tuple[Scripted, str]) -> None
         assert "secret" not in str(info.value) and "***" in str(info.value)
     finally:
         await http.aclose()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:s3cr3t-pw@127.0.0.1:9", "https://tok3n-only@example.invalid/v1"]
+)
+def test_a_base_url_with_credentials_is_refused_without_quoting_them(url: str) -> None:
+    # they would be echoed in every connection error message
+    with pytest.raises(ValueError, match="carries credentials") as caught:
+        HTTPTransport(url, backend="b")
+    assert "s3cr3t" not in str(caught.value) and "tok3n" not in str(caught.value)
+    HTTPTransport("http://127.0.0.1:9/v1", backend="b")  # plain URLs are fine
