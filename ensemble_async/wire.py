@@ -30,9 +30,10 @@ What it does, so that real servers' habits are met:
   keeps its status with what arrived of its body, as the status is what counts.
 * bounds: the head, and the trailers, each at most ``MAX_HEAD_BYTES``; the body at
   most ``limit`` bytes while it arrives (``ResponseTooLargeError``), or for answers
-  with status >= 400 cut at ``error_limit`` bytes; silence on the socket longer than ``read_timeout`` is a
-  ``RequestTimeoutError`` (its timer, re-armed while data trickles in, is cancelled
-  with the request); connecting longer than ``connect_timeout`` too.
+  with status >= 400 cut at ``error_limit`` bytes; silence on the socket longer than
+  ``read_timeout`` is a ``RequestTimeoutError`` (its timer, re-armed while data
+  trickles in, is cancelled with the request); connecting longer than
+  ``connect_timeout`` too.
 * a cancelled request closes its connection (its state is unknown), so cancellation
   never leaves a half-read answer in the pool.
 * TLS for ``https://`` origins (the system's trust store, SNI on the host name).
@@ -434,15 +435,15 @@ _HEADER_LINE = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)
 """One header line, from the CRLF before it to the CRLF after it (not consumed)."""
 
 _FOLD = re.compile(r"\r\n[ \t]+")
+"""An obsolete line fold: a line break and the spaces that start the next line."""
 
 _LONE_LF = re.compile(r"(?<!\r)\n")
 """An LF with no CR before it."""
-"""An obsolete line fold: a line break and the spaces that start the next line."""
 
 
 def _parse_headers(text: str) -> dict[str, str]:
-    """Header lines (CRLF- or LF-separated, no final line end) as a dict: names in lower case,
-    repeated names joined with ``", "``. One regular-expression pass; a line that is
+    """Header lines (CRLF- or LF-separated, no final line end) as a dict: names in
+    lower case, repeated names joined with ``", "``. One regular-expression pass; a line that is
     not ``name: value`` (nor the folded rest of one) is a ``MalformedResponseError``
     naming it."""
     if not text:
