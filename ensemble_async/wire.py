@@ -23,10 +23,17 @@ What it does, so that real servers' habits are met:
   or by the end of the connection (a reset is not an end); ``1xx`` interim answers
   skipped; ``Connection: close`` and HTTP/1.0 honoured; ``gzip``/``deflate`` content
   or transfer codings undone (never asked for), a stream that ends early refused.
-* bounds: the head at most ``MAX_HEAD_BYTES``; the body at most ``limit`` bytes while
-  it arrives (``ResponseTooLargeError``), or for answers with status >= 400 cut at
-  ``error_limit`` bytes; silence on the socket longer than ``read_timeout`` is a
-  ``RequestTimeoutError``; connecting longer than ``connect_timeout`` too.
+* lines in the head, chunk lines and trailers end with CRLF or a lone LF (a lone CR
+  ends none); the first empty line ends the head.
+* an answer broken off (a close before its length or last chunk, or a reset) is a
+  ``MalformedResponseError`` when it is a success; an error answer (status >= 400)
+  keeps its status with what arrived of its body, as the status is what counts.
+* bounds: the head, and the trailers, each at most ``MAX_HEAD_BYTES``; the body at
+  most ``limit`` bytes while it arrives (``ResponseTooLargeError``), or for answers
+  with status >= 400 cut at ``error_limit`` bytes; silence on the socket longer than
+  ``read_timeout`` is a ``RequestTimeoutError`` (its timer, re-armed while data
+  trickles in, is cancelled with the request); connecting longer than
+  ``connect_timeout`` too.
 * a cancelled request closes its connection (its state is unknown), so cancellation
   never leaves a half-read answer in the pool.
 * TLS for ``https://`` origins (the system's trust store, SNI on the host name).
@@ -52,13 +59,16 @@ __all__ = ["MAX_HEAD_BYTES", "Answer", "Origin", "build_head", "check_header"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """The longest status line and headers accepted in one answer (with the blank line
-that ends them)."""
+that ends them); the same bound holds for the trailers after a chunked body."""
 
 Answer = tuple[int, dict[str, str], bytes]
 """What a request gives back: the status, the headers (names in lower case; repeated
 names joined with ``", "``) and the body (decoded when the server compressed it)."""
 
 _HEX = b"0123456789abcdefABCDEF"
+
+_TRAILERS = -2
+"""``_Connection.chunk_left`` after the last chunk: reading the trailers."""
 
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -114,6 +124,7 @@ class _Connection(asyncio.Protocol):
         "scanned",
         "state",
         "status",
+        "timer",
         "transport",
         "waiter",
     )
@@ -142,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.last_data = 0.0
         self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -168,13 +180,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         # the end of the connection is the end of a body framed by it; a reset or a
-        # failed read (exc) is not an end, and a success's body is then incomplete
-        # (an error answer's is only a message: its status is what counts)
-        if (
-            self.state == self._BODY
-            and self.framing == _Framing.CLOSE
-            and (exc is None or self.cut)
+        # failed read (exc) is not an end, nor is a close before the length or the last
+        # chunk: a success's body is then incomplete, while an error answer keeps its
+        # status with what arrived of its body (only a message: the status counts)
+        if self.state == self._BODY and (
+            self.cut or (self.framing == _Framing.CLOSE and exc is None)
         ):
+            if self.framing == _Framing.LENGTH:
+                self._take(bytes(self.buffer[: self.length]))
             self._finish()
             return
         if self.waiter is not None and not self.waiter.done():
@@ -226,19 +239,31 @@ class _Connection(asyncio.Protocol):
     def _read_head(self) -> None:
         while True:
             buffer = self.buffer
-            end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
+            # the first empty line ends the head: "\n\r\n" (CRLF CRLF, the common
+            # case) or "\n\n", whichever comes first (a lone LF ends a line too)
+            start = max(0, self.scanned - 2)
+            end = buffer.find(b"\n\r\n", start)
+            lf = buffer.find(b"\n\n", start, len(buffer) if end < 0 else end + 1)
+            if lf >= 0:
+                end, stop = lf, lf + 2
+            else:
+                stop = end + 3
             # the same bound whether the head arrives in one read or in many
-            if (end + 4 if end >= 0 else len(buffer) + 1) > MAX_HEAD_BYTES:
+            if (stop if end >= 0 else len(buffer) + 1) > MAX_HEAD_BYTES:
                 raise MalformedResponseError(
                     f"answer head is over the limit of {MAX_HEAD_BYTES} bytes"
                 )
             if end < 0:
                 self.scanned = len(buffer)
                 return
+            if end and buffer[end - 1] == 13:  # the CR of the last line's CRLF
+                end -= 1
             head = bytes(buffer[:end]).decode("latin-1")
-            del buffer[: end + 4]
+            del buffer[:stop]
             self.scanned = 0
             first, _, rest = head.partition("\r\n")
+            if "\n" in first:  # the status line ends with a lone LF
+                first, _, rest = head.partition("\n")
             status, version = _status_line(first)
             if 100 <= status < 200:
                 if status == 101:
@@ -309,8 +334,11 @@ class _Connection(asyncio.Protocol):
         buffer = self.buffer
         pos = 0
         while True:
-            if self.chunk_left < 0:  # at a chunk-size line
-                eol = buffer.find(b"\r\n", pos)
+            if self.chunk_left == _TRAILERS:
+                self._read_trailers()
+                return
+            if self.chunk_left < 0:  # at a chunk-size line (ended by CRLF or a lone LF)
+                eol = buffer.find(b"\n", pos)
                 if eol < 0:
                     if len(buffer) - pos > 1024:
                         raise MalformedResponseError("chunk size line is too long")
@@ -321,22 +349,16 @@ class _Connection(asyncio.Protocol):
                     raise MalformedResponseError(f"bad chunk size {size_text[:20]!r}")
                 size = int(size_text, 16)
                 if size == 0:
-                    # the last chunk: trailers (skipped) end with an empty line
-                    if buffer.startswith(b"\r\n", eol + 2):
-                        del buffer[: eol + 4]
-                        self._finish()
-                        return
-                    end = buffer.find(b"\r\n\r\n", eol + 2)
-                    if end < 0:
-                        if len(buffer) - pos > MAX_HEAD_BYTES:
-                            raise MalformedResponseError("answer trailers are too long")
-                        break
-                    del buffer[: end + 4]
-                    self._finish()
-                    return
-                pos = eol + 2
+                    # the last chunk; the LF that ends its line stays, so that empty
+                    # trailers are an empty line right at the start
+                    del buffer[:eol]
+                    self.chunk_left = _TRAILERS
+                    self.scanned = 0
+                    continue
+                pos = eol + 1
                 self.chunk_left = size
-            if len(buffer) - pos < self.chunk_left + 2:
+            after = pos + self.chunk_left
+            if len(buffer) < after + 2 and not buffer.startswith(b"\n", after):
                 # take what is there of this chunk, keep the rest for later
                 have = min(len(buffer) - pos, self.chunk_left)
                 if have:
@@ -344,13 +366,36 @@ class _Connection(asyncio.Protocol):
                     self.chunk_left -= have
                     pos += have
                 break
-            self._take(bytes(buffer[pos : pos + self.chunk_left]))
-            if buffer[pos + self.chunk_left : pos + self.chunk_left + 2] != b"\r\n":
+            self._take(bytes(buffer[pos:after]))
+            if buffer.startswith(b"\r\n", after):
+                pos = after + 2
+            elif buffer.startswith(b"\n", after):
+                pos = after + 1
+            else:
                 raise MalformedResponseError("chunk is not followed by CRLF")
-            pos += self.chunk_left + 2
             self.chunk_left = -1
         if pos:
             del buffer[:pos]
+
+    def _read_trailers(self) -> None:
+        """Skip the trailers, bounded as the head is. The buffer starts at the LF that
+        ended the last chunk's line; the first empty line after it ends them."""
+        buffer = self.buffer
+        start = max(0, self.scanned - 2)
+        end = buffer.find(b"\n\r\n", start)
+        lf = buffer.find(b"\n\n", start, len(buffer) if end < 0 else end + 1)
+        stop = lf + 2 if lf >= 0 else end + 3 if end >= 0 else -1
+        # the trailers with their empty line, however they arrive: at most
+        # MAX_HEAD_BYTES (not counting the LF at the start)
+        if (stop - 1 if stop >= 0 else len(buffer)) > MAX_HEAD_BYTES:
+            raise MalformedResponseError(
+                f"answer trailers are over the limit of {MAX_HEAD_BYTES} bytes"
+            )
+        if stop < 0:
+            self.scanned = len(buffer)
+            return
+        del buffer[:stop]
+        self._finish()
 
     def _take(self, data: bytes) -> None:
         if self.state != self._BODY:
@@ -392,16 +437,22 @@ _HEADER_LINE = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)
 _FOLD = re.compile(r"\r\n[ \t]+")
 """An obsolete line fold: a line break and the spaces that start the next line."""
 
+_LONE_LF = re.compile(r"(?<!\r)\n")
+"""An LF with no CR before it."""
+
 
 def _parse_headers(text: str) -> dict[str, str]:
-    """Header lines (CRLF-separated, no final CRLF) as a dict: names in lower case,
-    repeated names joined with ``", "``. One regular-expression pass; a line that is
+    """Header lines (CRLF- or LF-separated, no final line end) as a dict: names in
+    lower case, repeated names joined with ``", "``. One regular-expression pass; a line that is
     not ``name: value`` (nor the folded rest of one) is a ``MalformedResponseError``
     naming it."""
     if not text:
         return {}
     pairs = _HEADER_LINE.findall(f"\r\n{text}\r\n")
     if len(pairs) != text.count("\r\n") + 1:
+        if text.count("\n") != text.count("\r\n"):
+            # a lone LF ends a line as CRLF does (a lone CR ends none)
+            return _parse_headers(_LONE_LF.sub("\r\n", text))
         if "\r\n " in text or "\r\n\t" in text:
             # obsolete line folding: the value goes on, read as one space
             return _parse_headers(_FOLD.sub(" ", text))
@@ -590,9 +641,8 @@ class Origin:
         self, conn: _Connection, data: bytes, limit: int, error_limit: int
     ) -> Answer:
         waiter = conn.start(data, limit, error_limit)
-        timer = None
         if self.read_timeout is not None:
-            timer = asyncio.get_running_loop().call_later(
+            conn.timer = asyncio.get_running_loop().call_later(
                 self.read_timeout, self._silence, conn, waiter
             )
         try:
@@ -602,8 +652,11 @@ class Origin:
             self._open.discard(conn)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            # the timer now armed (the first, or one _silence re-armed) goes with the
+            # request: none is left holding the connection until it fires
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
         conn.waiter = None
         if conn.keep_alive and not conn.closed and not conn.buffer and not self._closed:
             conn.state = conn._IDLE
@@ -623,6 +676,6 @@ class Origin:
         if quiet >= self.read_timeout:
             conn._fail(RequestTimeoutError(f"no data from the server for {self.read_timeout:g} s"))
             return
-        asyncio.get_running_loop().call_later(
+        conn.timer = asyncio.get_running_loop().call_later(
             self.read_timeout - quiet, self._silence, conn, waiter
         )

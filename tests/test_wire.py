@@ -11,6 +11,7 @@ import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -650,11 +651,237 @@ def test_header_lines_are_parsed_strictly_and_repeats_joined() -> None:
     # obsolete line folding: a line that starts with a space or tab continues the
     # value before it, read as one space
     assert _parse_headers("X-A: 1\r\n  2\r\n\t3\r\nB: 4") == {"x-a": "1 2 3", "b": "4"}
+    # a bare LF ends a line as CRLF does (folding included)
+    assert _parse_headers("A: 1\nB: 2\r\nC: 3\n 4") == {"a": "1", "b": "2", "c": "3 4"}
     for bad, line in [
         (" A: 1\r\nB: 2", " A: 1"),
         ("A: 1\r\na b: c", "a b: c"),
         ("A: 1\r\n: v", ": v"),
-        ("A: 1\nB: 2", "A: 1\nB: 2"),
+        ("A: 1\nB: 2\rC: 3", "B: 2\rC: 3"),  # a bare CR ends no line
     ]:
         with pytest.raises(MalformedResponseError, match=re.escape(repr(line))):
             _parse_headers(bad)
+
+
+async def test_answer_heads_and_chunk_lines_ended_by_a_bare_lf_are_read(serve: Serve) -> None:
+    # a lone LF ends a line as CRLF does (RFC 9112 lets a client take it; aiohttp does)
+    answers = [
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        # mixed line ends; the head ends at its first empty line, whatever follows
+        b"HTTP/1.1 100 Continue\n\n"
+        b"HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\nContent-Length: 6\n\r\nab\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-C: 3\r\n\nok",
+        # chunk size lines, the line ends after chunks, and trailers, all with a bare LF
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n"
+        b"2;e=1\nok\n3\r\n, m\n1\n!\r\n0\nX-T: t\nX-U: u\n\n",
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\nok\n0\n\n",
+    ]
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while len(server.requests) < 2 * len(answers):
+                await server.read_request(reader)
+                raw = answers[(len(server.requests) - 1) % len(answers)]
+                if len(server.requests) > len(answers):  # the second round: byte by byte
+                    for i in range(len(raw)):
+                        writer.write(raw[i : i + 1])
+                        await writer.drain()
+                else:
+                    writer.write(raw)
+                    await writer.drain()
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        got = [await asyncio.wait_for(post(origin), 10) for _ in range(2 * len(answers))]
+    finally:
+        await origin.aclose()
+    for n, (status, headers, body) in enumerate(got):
+        assert status == 200
+        assert body == [b"ok", b"ab\r\n\r\n", b"ok", b"ok, m!", b"ok"][n % len(answers)]
+        if n % len(answers) == 1:
+            assert (headers["x-a"], headers["x-b"]) == ("1", "2")
+        if n % len(answers) == 2:
+            assert headers["x-c"] == "3"
+    assert server.connections == 1  # each answer was framed exactly
+
+
+async def test_the_head_limit_holds_exactly_for_heads_ended_by_a_bare_lf(serve: Serve) -> None:
+    def head(size: int, end: bytes) -> bytes:  # `size` bytes, the closing empty line included
+        start = b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Pad: "
+        return start + b"a" * (size - len(start) - len(end)) + end
+
+    cases = [
+        (size, end, split)
+        for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1)
+        for end in (b"\n\n", b"\n\r\n", b"\r\n\n")
+        for split in (0, 1)
+    ]
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                size, end, split = cases[len(server.requests) - 1]
+                data = head(size, end) + b"ok"
+                cut = len(data) - 2 - split  # whole, or all but the last byte of the head
+                writer.write(data[:cut])
+                await writer.drain()
+                writer.write(data[cut:])
+                await writer.drain()
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        for size, _, _ in cases:
+            if size <= MAX_HEAD_BYTES:
+                assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
+            else:
+                with pytest.raises(MalformedResponseError, match="head is over the limit"):
+                    await asyncio.wait_for(post(origin), 10)
+    finally:
+        await origin.aclose()
+
+
+async def test_a_rearmed_read_timer_is_cancelled_when_the_answer_completes(serve: Serve) -> None:
+    # the timer looks again while data trickles in; once the answer is complete no
+    # timer may be left holding the connection until it fires
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+            for i in range(8):  # each gap under the read timeout, the whole over it
+                await asyncio.sleep(0.05)
+                writer.write(b"abcdefgh"[i : i + 1])
+                await writer.drain()
+
+        return handler
+
+    loop = asyncio.get_running_loop()
+    if not hasattr(loop, "_scheduled"):
+        pytest.skip("the event loop does not list its timers")
+    server = await serve(make)
+    origin = Origin(server.url, read_timeout=0.3)
+    looks = 0
+    silence = origin._silence
+
+    def counted(conn: Any, waiter: Any) -> None:
+        nonlocal looks
+        looks += 1
+        silence(conn, waiter)
+
+    origin._silence = counted  # type: ignore[method-assign]
+    try:
+        assert (await asyncio.wait_for(post(origin), 10))[2] == b"abcdefgh"
+        pending = [h for h in loop._scheduled if not h.cancelled() and h._callback is counted]
+    finally:
+        await origin.aclose()
+    assert looks >= 1  # the first timer fired and armed another
+    assert pending == []
+
+
+async def test_an_error_answer_broken_off_keeps_its_status(serve: Serve) -> None:
+    # the status decides what the caller does (a 401 is fatal, a 413 is not retried
+    # as-is): an error answer cut short by a close or a reset keeps it, with whatever
+    # body arrived; a success cut short is no answer
+    chunked = b"HTTP/1.1 %s\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nhalf of i"
+    answers = [
+        (b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 40\r\n\r\n{"error": "bad', False),
+        (b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 40\r\n\r\ntoo", True),
+        (chunked % b"503 Service Unavailable", False),
+        (chunked % b"413 Payload Too Large", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\nhalf", False),
+        (chunked % b"200 OK", True),
+    ]
+    reset = asyncio.Event()
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            raw, by_reset = answers[len(server.requests) - 1]
+            writer.write(raw)
+            await writer.drain()
+            if by_reset:
+                await reset.wait()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+
+        return handler
+
+    async def one() -> tuple[int, dict[str, str], bytes]:
+        reset.clear()
+        task = asyncio.create_task(post(origin))
+        async with asyncio.timeout(10):
+            while not task.done() and not any(  # noqa: ASYNC110
+                c.state == c._BODY and (c.buffer or c.body) for c in origin._open
+            ):
+                await asyncio.sleep(0.01)  # until the client holds part of the body
+        reset.set()
+        return await asyncio.wait_for(task, 10)
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        got = [(await one())[::2] for _ in range(4)]
+        for _ in range(2):
+            with pytest.raises(MalformedResponseError, match="closed the connection mid-answer"):
+                await one()
+    finally:
+        await origin.aclose()
+    assert got == [
+        (401, b'{"error": "bad'),
+        (413, b"too"),
+        (503, b"half of i"),
+        (413, b"half of i"),
+    ]
+
+    # through the transport: still an authentication error, never retried
+    server = await serve(make)  # its first answer: the 401 broken off by a close
+    transport = http.HTTPTransport(server.url, backend="b")
+    try:
+        with pytest.raises(AuthenticationError):
+            await asyncio.wait_for(transport.post_json("/generate", {}), 10)
+    finally:
+        await transport.aclose()
+
+
+async def test_the_trailer_limit_holds_exactly_however_the_trailers_arrive(serve: Serve) -> None:
+    def trailers(size: int) -> bytes:  # trailer lines of `size` bytes, the empty line included
+        start = b"X-Pad: "
+        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    cases = [(size, split) for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1) for split in (0, 1)]
+
+    def make(server: Scripted) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                size, split = cases[len(server.requests) - 1]
+                data = (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                    + trailers(size)
+                )
+                cut = len(data) - split  # whole, or all but the last byte
+                writer.write(data[:cut])
+                await writer.drain()
+                writer.write(data[cut:])
+                await writer.drain()
+
+        return handler
+
+    server = await serve(make)
+    origin = Origin(server.url)
+    try:
+        for size, _ in cases:
+            if size <= MAX_HEAD_BYTES:
+                assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
+            else:
+                with pytest.raises(MalformedResponseError, match="trailers are over the limit"):
+                    await asyncio.wait_for(post(origin), 10)
+    finally:
+        await origin.aclose()
