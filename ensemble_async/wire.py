@@ -443,9 +443,9 @@ _LONE_LF = re.compile(r"(?<!\r)\n")
 
 def _parse_headers(text: str) -> dict[str, str]:
     """Header lines (CRLF- or LF-separated, no final line end) as a dict: names in
-    lower case, repeated names joined with ``", "``. One regular-expression pass; a line that is
-    not ``name: value`` (nor the folded rest of one) is a ``MalformedResponseError``
-    naming it."""
+    lower case, repeated names joined with ``", "``. One regular-expression pass; a
+    line that is not ``name: value`` (nor the folded rest of one) is a
+    ``MalformedResponseError`` naming it."""
     if not text:
         return {}
     pairs = _HEADER_LINE.findall(f"\r\n{text}\r\n")
