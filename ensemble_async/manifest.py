@@ -2,8 +2,8 @@
 
 A records file is one dataset only if every run that appended to it generated with the
 same definition: preset and effective generation settings, run seed, seed tasks, prompt
-templates, each member's backend kind and served model, the roles and the selection
-settings, and the library version.  ``<records stem>.manifest.json`` holds that
+templates, each member's backend kind, served model and prompt style
+(``instruction_tuned``), the roles and the selection settings, and the library version.  ``<records stem>.manifest.json`` holds that
 definition and its fingerprint (sha256 of its canonical JSON).  A rerun builds the
 manifest again and compares: any difference is refused, naming each changed field,
 before anything is written.  Targets, concurrency, timeouts, rate limits and URLs only
@@ -99,8 +99,9 @@ def run_manifest(
     """The manifest (with its ``fingerprint``) from plain values.
 
     ``settings``: the generation settings that decide the output
-    (``PipelineSettings.identity()``); ``members``: per member name, ``kind`` and
-    ``model`` (the served model id, or None when unknown); ``roles``: writer and
+    (``PipelineSettings.identity()``); ``members``: per member name, ``kind``,
+    ``model`` (the served model id, or None when unknown) and whatever else of the
+    member decides its prompts (``instruction_tuned``); ``roles``: writer and
     answerers; ``selection``: consensus settings not in ``settings`` (e.g.
     ``min_candidates``, ``writer_answers``, ``consensus_complete``).
     """

@@ -34,7 +34,11 @@ def test_summary_json_and_manifest_beside_the_records(
     assert summary["records_written"] == len(records) > 0 and summary["deferred"] == 0
     manifest = json.loads(out.with_name("records.manifest.json").read_text())
     assert manifest["seed"] == 3
-    assert manifest["members"]["writer"] == {"kind": "tgi", "model": "double/tgi-model"}
+    assert manifest["members"]["writer"] == {
+        "kind": "tgi",
+        "model": "double/tgi-model",
+        "instruction_tuned": True,
+    }
     assert all(r["provenance"]["fingerprint"] == manifest["fingerprint"] for r in records)
     assert {c["backend"] for c in records[0]["provenance"]["candidates"]} == {"tgi", "openai"}
 
@@ -62,6 +66,27 @@ def test_a_rerun_with_another_seed_exits_2_naming_it_and_writes_nothing(
     )
     assert _generate(cfg) == cli.EXIT_OK
     assert len(read_jsonl(out)) > before["records.jsonl"].count(b"\n")
+
+
+def test_a_rerun_that_changes_an_answerers_prompt_style_exits_2_naming_it(
+    servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``instruction_tuned = false`` gives an answerer few-shot prompts instead of the
+    zero-shot ones: other answers, so another dataset, refused before anything is written."""
+    out = tmp_path / "out" / "records.jsonl"
+    cfg = write_config(tmp_path / "cfg.toml", config_text(*servers, out, io_n=2, o_n=1))
+    assert _generate(cfg) == cli.EXIT_OK
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir() if "cache" not in p.name}
+    capsys.readouterr()
+    text = config_text(*servers, out, io_n=4, o_n=2).replace(
+        'kind = "openai"', 'kind = "openai"\ninstruction_tuned = false'
+    )
+    write_config(cfg, text)
+    assert _generate(cfg) == cli.EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "members.answerer.instruction_tuned: true -> false" in err
+    after = {p.name: p.read_bytes() for p in out.parent.iterdir() if "cache" not in p.name}
+    assert after == before
 
 
 def test_outputs_that_are_not_records_files_exit_7_untouched(
