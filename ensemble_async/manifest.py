@@ -91,7 +91,7 @@ def run_manifest(
     settings: Mapping[str, Any],
     seed_tasks_sha256: str,
     templates_sha256: str,
-    members: Mapping[str, Mapping[str, str | None]],
+    members: Mapping[str, Mapping[str, Any]],
     roles: Mapping[str, Any],
     selection: Mapping[str, Any],
     library_version: str,
