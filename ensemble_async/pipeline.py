@@ -37,7 +37,8 @@ replayed (a response cache makes that free and decides the same instructions), a
 slot the sink already holds is never decided again.
 
 Unavailable members.  An error that says the member is unavailable (retries exhausted on
-a retryable error, breaker open) decides nothing:
+a retryable error, breaker open, credentials refused, model or endpoint not found)
+decides nothing:
 
 * in step 1 the kind stops at that attempt (later attempts would see a different pool
   of generated instructions than an uninterrupted run), the rest of the kind deferred;
@@ -86,7 +87,7 @@ from . import __version__
 from .breaker import CircuitOpenError
 from .consensus import Selection, select
 from .ensemble import Candidate, Decide, Ensemble
-from .errors import BackendError, RetryableError
+from .errors import BackendError, cannot_serve
 from .filters import (
     ParsedInstance,
     Rejection,
@@ -202,7 +203,7 @@ def _utc_now() -> str:
 def unavailable(exc: BaseException) -> bool:
     """Whether an error says the member is unavailable (decides nothing) rather than
     that the request itself is bad."""
-    return isinstance(exc, RetryableError | CircuitOpenError)
+    return isinstance(exc, CircuitOpenError) or cannot_serve(exc)
 
 
 def _candidate_unavailable(c: Candidate) -> bool:
