@@ -11,7 +11,8 @@ decide how much and how fast, so they are not part of it.
 
 The functions take plain values (the command line gathers them); nothing here does
 network I/O.  A served model id that could not be read (the server was down) is
-``None`` and matches any id.
+``None`` and matches any id; so does a member's ``instruction_tuned`` missing from a
+manifest written before it was recorded.
 """
 
 from __future__ import annotations
@@ -136,11 +137,20 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str =
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             changes += changed_fields(a, b, name + ".")
-        elif a != b and not (
-            name.startswith("members.") and name.endswith(".model") and None in (a, b)
-        ):
+        elif a != b and not _unknown(name, a, b):
             changes.append(f"{name}: {_show(a)} -> {_show(b)}")
     return changes
+
+
+def _unknown(name: str, old: Any, new: Any) -> bool:
+    """A member's served model id that could not be read matches any id; a member's
+    ``instruction_tuned`` that a manifest written before it was recorded lacks matches
+    either value (so a dataset begun then can still be finished)."""
+    if not name.startswith("members."):
+        return False
+    if name.endswith(".model"):
+        return None in (old, new)
+    return name.endswith(".instruction_tuned") and old is None
 
 
 def _show(value: Any) -> str:

@@ -14,6 +14,7 @@ from served import Server
 from test_cli_generate import config_text, read_jsonl, servers, write_config
 
 from ensemble_async import cli
+from ensemble_async.manifest import changed_fields
 from ensemble_async.records import RecordWriter
 
 __all__ = ["servers"]  # the module-scoped fixture of the doubles, shared
@@ -87,6 +88,15 @@ def test_a_rerun_that_changes_an_answerers_prompt_style_exits_2_naming_it(
     assert "members.answerer.instruction_tuned: true -> false" in err
     after = {p.name: p.read_bytes() for p in out.parent.iterdir() if "cache" not in p.name}
     assert after == before
+
+
+def test_a_manifest_written_before_prompt_styles_were_recorded_still_matches() -> None:
+    old = {"seed": 1, "members": {"a": {"kind": "tgi", "model": "m"}}}
+    new = {"seed": 1, "members": {"a": {"kind": "tgi", "model": "m", "instruction_tuned": False}}}
+    assert changed_fields(old, new) == []
+    assert changed_fields({**old, "seed": 2}, new) == ["seed: 2 -> 1"]
+    tuned = {"seed": 1, "members": {"a": {**new["members"]["a"], "instruction_tuned": True}}}
+    assert changed_fields(tuned, new) == ["members.a.instruction_tuned: true -> false"]
 
 
 def test_outputs_that_are_not_records_files_exit_7_untouched(
