@@ -912,6 +912,7 @@ class Pipeline:
                 candidates = [given]
                 decision = {**selection.to_dict(), "policy": settings.consensus_policy}
                 missing: list[str] = []
+                too_few = False
             else:
                 requests = [
                     settings.answer_decoding.request(prompts[style], seed=seed)
@@ -953,6 +954,11 @@ class Pipeline:
                         threshold=selection.threshold,
                     )
                 missing = [c.source for c in answered if _candidate_unavailable(c)]
+                if result.rule == "too-few-candidates" and not missing:
+                    # The item's deadline passed while these were still answering: too
+                    # slow is unavailable for now, never a reason to reject the slot.
+                    missing = [c.source for c in answered if c.status == "cancelled"]
+                too_few = result.rule == "too-few-candidates"
                 if result.rule == "target-unavailable" and self.target is not None:
                     missing.append(self.target.name)
                 self.summary.count("answers", "accepted")
@@ -963,7 +969,7 @@ class Pipeline:
             if writer_answer is not None and not writer_answer.done():
                 writer_answer.cancel()
         target_down = self.target is not None and self.target.name in missing
-        if target_down or self.voices - len(missing) < self.min_candidates:
+        if too_few or target_down or self.voices - len(missing) < self.min_candidates:
             return Deferred(
                 stage="answers",
                 type=kind,

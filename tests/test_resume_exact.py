@@ -243,6 +243,33 @@ async def test_a_member_refused_for_its_credentials_or_model_defers_never_decide
     assert sorted(map(_key, _lines(out))) == sorted(map(_key, expected))
 
 
+async def test_an_answerer_past_the_consensus_deadline_defers_the_item_not_rejects_it(
+    tmp_path: Path,
+) -> None:
+    """At ``consensus_deadline_s`` the answers still missing are cancelled: too few
+    candidates, because a member was too slow, leaves the slot open (deferred), never
+    a permanent ``too-few-candidates`` reject."""
+    targets = {"input_output": 3, "output": 1}
+    healthy = tmp_path / "healthy.jsonl"
+    await _run(healthy, targets=targets)
+    expected = _lines(healthy)
+
+    out = tmp_path / "records.jsonl"
+    hang = FaultPlan(rate=1.0, choices=[Fault.hang()])
+    first, _ = await _run(out, targets=targets, answerer_faults=hang, consensus_deadline_s=0.2)
+    assert first.records_written == 0
+    consensus = [
+        r for r in _lines(out.with_name("records.rejects.jsonl")) if r["stage"] == "consensus"
+    ]
+    assert consensus == []
+    assert first.deferred > 0
+    assert all(d["members"] == ["a2"] for d in _lines(out.with_name("records.deferred.jsonl")))
+
+    second, _ = await _run(out, targets=targets)
+    assert second.deferred == 0
+    assert sorted(map(_key, _lines(out))) == sorted(map(_key, expected))
+
+
 async def test_fewer_candidates_may_decide_when_allowed(tmp_path: Path) -> None:
     out = tmp_path / "records.jsonl"
     settings = PipelineSettings.preset("default", targets={"input_output": 4, "output": 2})
