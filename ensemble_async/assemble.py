@@ -598,7 +598,8 @@ async def open_run(
             if await asyncio.to_thread(manifest_file.exists):
                 # Compared now, before anything is written; written below for a new run,
                 # once the record files have opened (never beside a file we refuse).
-                await asyncio.to_thread(check_manifest, manifest_file, manifest)
+                # The records keep the fingerprint the dataset was begun with.
+                fingerprint = await asyncio.to_thread(check_manifest, manifest_file, manifest)
                 manifest = None
         cache = None
         if config.run.cache:

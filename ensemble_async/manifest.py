@@ -185,17 +185,19 @@ def write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
-def check_manifest(path: Path, manifest: Mapping[str, Any]) -> bool:
+def check_manifest(path: Path, manifest: Mapping[str, Any]) -> str:
     """Compare with the manifest at ``path``: raise ``ManifestMismatchError`` naming each
-    changed field; write it when there is none yet (returns True then).  Blocking: call
-    it off the event loop."""
+    changed field; write it when there is none yet.  Returns the dataset's fingerprint,
+    the one its records carry: the stored manifest's when there is one (it may differ
+    from ``manifest``'s by what still matches, such as a model id that could not be
+    read).  Blocking: call it off the event loop."""
     old = read_manifest(path)
     if old is None:
         write_manifest(path, manifest)
-        return True
-    if old.get("fingerprint") == manifest.get("fingerprint"):
-        return False
-    changes = changed_fields(old, manifest)
-    if changes:
-        raise ManifestMismatchError(path, changes)
-    return False  # only an unknown served model id differs: the same definition
+        return str(manifest["fingerprint"])
+    if old.get("fingerprint") != manifest.get("fingerprint"):
+        changes = changed_fields(old, manifest)
+        if changes:
+            raise ManifestMismatchError(path, changes)
+    # the same definition (at most an unknown model id or a field not recorded then differs)
+    return str(old.get("fingerprint") or manifest["fingerprint"])

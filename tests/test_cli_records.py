@@ -14,7 +14,7 @@ from served import Server
 from test_cli_generate import config_text, read_jsonl, servers, write_config
 
 from ensemble_async import cli
-from ensemble_async.manifest import changed_fields
+from ensemble_async.manifest import changed_fields, fingerprint
 from ensemble_async.records import RecordWriter
 
 __all__ = ["servers"]  # the module-scoped fixture of the doubles, shared
@@ -97,6 +97,32 @@ def test_a_manifest_written_before_prompt_styles_were_recorded_still_matches() -
     assert changed_fields({**old, "seed": 2}, new) == ["seed: 2 -> 1"]
     tuned = {"seed": 1, "members": {"a": {**new["members"]["a"], "instruction_tuned": True}}}
     assert changed_fields(tuned, new) == ["members.a.instruction_tuned: true -> false"]
+
+
+def test_a_rerun_an_older_manifest_still_matches_keeps_the_datasets_fingerprint(
+    servers: tuple[str, str], tmp_path: Path
+) -> None:
+    """A manifest that lacks a field recorded since (or holds a model id that could not be
+    read) still matches; the records the rerun adds carry the fingerprint the dataset was
+    begun with, so every record of one dataset names the manifest beside it."""
+    out = tmp_path / "out" / "records.jsonl"
+    cfg = write_config(tmp_path / "cfg.toml", config_text(*servers, out, io_n=2, o_n=1))
+    assert _generate(cfg) == cli.EXIT_OK
+    path = out.with_name("records.manifest.json")
+    older = json.loads(path.read_text())
+    begun_with = older["fingerprint"]
+    for member in older["members"].values():
+        del member["instruction_tuned"]
+    older["fingerprint"] = fingerprint(older)
+    path.write_text(json.dumps(older))
+    for written in (out, out.with_name("records.rejects.jsonl")):  # as that run wrote them
+        written.write_text(written.read_text().replace(begun_with, older["fingerprint"]))
+    write_config(cfg, config_text(*servers, out, io_n=4, o_n=2))
+    assert _generate(cfg) == cli.EXIT_OK
+    records = read_jsonl(out)
+    assert len(records) > 2
+    assert {r["provenance"]["fingerprint"] for r in records} == {older["fingerprint"]}
+    assert json.loads(path.read_text())["fingerprint"] == older["fingerprint"]
 
 
 def test_outputs_that_are_not_records_files_exit_7_untouched(
