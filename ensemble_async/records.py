@@ -604,14 +604,14 @@ class RecordFile:
         if rid in self.ids:
             return None
         try:
-            line = json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n"
-        except (TypeError, ValueError) as exc:
+            line = (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        except (TypeError, ValueError) as exc:  # a lone surrogate fails to encode as UTF-8
             raise ValueError(f"record {rid} is not JSON: {exc}") from exc
         self.ids.add(rid)
         slot = slot_of(data)
         if slot is not None:
             self.slots[slot] = rid
-        return rid, line.encode("utf-8")
+        return rid, line
 
     def append_lines(self, lines: Sequence[bytes]) -> None:
         """Append ``lines`` and fsync once.  On failure nothing partial stays behind."""

@@ -138,6 +138,17 @@ def test_bad_records_are_refused(tmp_path: Path) -> None:
         w.write(rec(1))
 
 
+def test_an_entry_that_is_not_valid_unicode_is_refused_and_not_marked_present(
+    tmp_path: Path,
+) -> None:
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        with pytest.raises(ValueError, match="not JSON"):
+            w.write({"id": "a", "output": "half an emoji \ud83d"})
+        assert not w.has("a") and w.count == 0
+        assert w.write({"id": "a", "output": "fixed"})  # the id was never taken
+    assert [r["id"] for r in lines(tmp_path / "r.jsonl")] == ["a"]
+
+
 def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
     # Tests run as root, so permissions cannot make a path unwritable; a regular file
     # standing where a folder should be does.
