@@ -74,7 +74,7 @@ def _read_deferred(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise RecordFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     items = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): U+2028 may stand inside a line
         with contextlib.suppress(ValueError):
             value = json.loads(line)
             if isinstance(value, dict):

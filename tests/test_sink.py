@@ -25,6 +25,7 @@ from ensemble_async.pipeline import Pipeline, record_id
 from ensemble_async.presets import PipelineSettings
 from ensemble_async.records import (
     CorruptRecordFileError,
+    Deferred,
     NotARecordsFileError,
     Record,
     RecordFile,
@@ -208,6 +209,22 @@ async def test_an_unexpected_error_in_the_writer_thread_fails_the_entries_instea
         monkeypatch.setattr(RecordFile, "append_lines", real)
         await sink.aclose()
     assert [r["id"] for r in _lines(out)] == ["ei-1"]
+
+
+async def test_the_deferred_list_reads_back_whole_whatever_its_text_holds(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "r.jsonl"
+    items = [
+        Deferred("answers", "output", "unavailable:a2", 42, instruction_index=i, instruction=text)
+        for i, text in enumerate(["one\u2028line", "next\x85line", "plain"])
+    ]
+    async with await AsyncRecordWriter.open(out) as sink:
+        await sink.write_deferred(items)
+    async with await AsyncRecordWriter.open(out) as sink:
+        assert sink.previous_deferred == [d.to_json() for d in items]
+        await sink.write_deferred([])
+    assert not sink.deferred_path.exists()
 
 
 # -- records-level safety -------------------------------------------------------------
