@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from served import Server
@@ -91,11 +92,12 @@ def test_a_rerun_that_changes_an_answerers_prompt_style_exits_2_naming_it(
 
 
 def test_a_manifest_written_before_prompt_styles_were_recorded_still_matches() -> None:
-    old = {"seed": 1, "members": {"a": {"kind": "tgi", "model": "m"}}}
-    new = {"seed": 1, "members": {"a": {"kind": "tgi", "model": "m", "instruction_tuned": False}}}
+    member: dict[str, Any] = {"kind": "tgi", "model": "m"}
+    old = {"seed": 1, "members": {"a": member}}
+    new = {"seed": 1, "members": {"a": {**member, "instruction_tuned": False}}}
     assert changed_fields(old, new) == []
     assert changed_fields({**old, "seed": 2}, new) == ["seed: 2 -> 1"]
-    tuned = {"seed": 1, "members": {"a": {**new["members"]["a"], "instruction_tuned": True}}}
+    tuned = {"seed": 1, "members": {"a": {**member, "instruction_tuned": True}}}
     assert changed_fields(tuned, new) == ["members.a.instruction_tuned: true -> false"]
 
 
