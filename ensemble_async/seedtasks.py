@@ -143,8 +143,8 @@ def parse_seed_tasks(text: str, source: str = "<string>") -> list[SeedTask]:
 
     ``source`` only labels error messages. Raises :class:`SeedFormatError` on bad JSON,
     a line that is not an object, text that is not valid Unicode (a lone surrogate
-    escape), a missing or mistyped field, an empty id or
-    instruction, no instances, a duplicate id, or when there is no task at all.
+    escape), a missing or mistyped field, an empty id or instruction, no instances, a
+    duplicate id, or when there is no task at all.
     """
     tasks: list[SeedTask] = []
     first_line: dict[str, int] = {}
