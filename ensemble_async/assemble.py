@@ -520,6 +520,7 @@ def run_manifest_for(
     config: Config, seeds: Sequence[SeedTask], served: Mapping[str, str | None]
 ) -> dict[str, Any]:
     """The manifest of what defines this run's dataset (see ``ensemble_async.manifest``):
+    each used member's kind, served model and prompt style (``instruction_tuned``);
     ``served`` maps each used backend to the model id its server reported (None when
     unknown, which matches any id on a rerun)."""
     from . import __version__
@@ -534,7 +535,13 @@ def run_manifest_for(
         seed_tasks_sha256=seed_tasks_digest(seeds),
         templates_sha256=templates_digest(),
         members={
-            name: {"kind": config.backends[name].kind, "model": served.get(name)} for name in names
+            name: {
+                "kind": config.backends[name].kind,
+                "model": served.get(name),
+                # zero-shot or few-shot answer prompts: another prompt, another answer
+                "instruction_tuned": config.backends[name].instruction_tuned,
+            }
+            for name in names
         },
         roles={"writer": config.roles.writer, "answerers": list(config.roles.answerers)},
         selection={
@@ -591,7 +598,8 @@ async def open_run(
             if await asyncio.to_thread(manifest_file.exists):
                 # Compared now, before anything is written; written below for a new run,
                 # once the record files have opened (never beside a file we refuse).
-                await asyncio.to_thread(check_manifest, manifest_file, manifest)
+                # The records keep the fingerprint the dataset was begun with.
+                fingerprint = await asyncio.to_thread(check_manifest, manifest_file, manifest)
                 manifest = None
         cache = None
         if config.run.cache:

@@ -74,6 +74,13 @@ def canonical_json(value: Any) -> str:
     )
 
 
+def _value_json(value: Any) -> str:
+    """A stored value: canonical, except that a number JSON cannot spell (a server's
+    ``-Infinity`` or ``NaN`` log-probability) is kept as Python's JSON writes it, which
+    ``json.loads`` reads back as the same float."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def cache_key(
     backend_kind: str, backend_name: str, model: str | None, request: GenerationRequest
 ) -> str:
@@ -305,7 +312,7 @@ class ResponseCache:
 
     async def put_scores(self, key: str, scores: list[CompletionScore]) -> None:
         """Store ``scores`` under ``key``; returns once the entry is committed."""
-        value = canonical_json(
+        value = _value_json(
             [
                 {
                     "text": s.text,

@@ -26,7 +26,7 @@ from .admission import GlobalLimit
 from .backend import Backend
 from .breaker import CircuitOpenError
 from .consensus import Decision, IncrementalSelector, Policy, Similarity
-from .errors import BackendError, FatalError, RetryableError
+from .errors import BackendError, FatalError, RetryableError, cannot_serve
 from .member import Member
 from .retry import RetryPolicy
 from .scoring import CompletionScore, ScoreRequest
@@ -43,8 +43,8 @@ Decide: TypeAlias = Callable[[IncrementalSelector], Awaitable[Decision]]
 CandidateStatus = Literal["ok", "given", "failed", "unavailable", "circuit_open", "cancelled"]
 """``failed``: the request failed for its own reason (a ``FatalError``: bad request,
 context too long); ``unavailable``: the member could not answer (retries spent on
-timeouts, refused connections, 5xx, 429); ``circuit_open``: its breaker refused;
-``cancelled``: not needed any more (decided without it, or past the deadline)."""
+timeouts, refused connections, 5xx, 429; credentials refused; model not found);
+``circuit_open``: its breaker refused; ``cancelled``: not needed any more (decided without it, or past the deadline)."""
 
 
 @dataclass(frozen=True)
@@ -431,15 +431,15 @@ class Ensemble:
             )
             try:
                 got = await self.target.score(ask)
-            except (RetryableError, CircuitOpenError) as exc:
-                return FitChoice(
-                    None,
-                    None,
-                    "target-unavailable",
-                    self.selection.policy,
-                    why=f"the target could not score: {type(exc).__name__}",
-                )
-            except FatalError as exc:
+            except (RetryableError, CircuitOpenError, FatalError) as exc:
+                if isinstance(exc, CircuitOpenError) or cannot_serve(exc):
+                    return FitChoice(
+                        None,
+                        None,
+                        "target-unavailable",
+                        self.selection.policy,
+                        why=f"the target could not score: {type(exc).__name__}",
+                    )
                 return FitChoice(
                     None,
                     None,
@@ -471,7 +471,7 @@ class Ensemble:
         status: CandidateStatus
         if isinstance(exc, CircuitOpenError):
             status = "circuit_open"
-        elif isinstance(exc, RetryableError):
+        elif cannot_serve(exc):
             status = "unavailable"
         else:
             status = "failed"

@@ -22,6 +22,7 @@ __all__ = [
     "RetryableError",
     "ServerError",
     "UnknownBackendError",
+    "cannot_serve",
     "error_from_event",
     "error_from_status",
     "parse_retry_after",
@@ -134,6 +135,14 @@ class AuthenticationError(FatalError):
 
 class NotFoundError(FatalError):
     """404: unknown model or endpoint."""
+
+
+def cannot_serve(exc: BaseException) -> bool:
+    """Whether ``exc`` says the backend cannot serve now, rather than that the request is
+    bad: a ``RetryableError`` (once the retries are spent), refused credentials (401/403:
+    a key revoked mid-run) or an unknown model or endpoint (404: the server now serves
+    another model).  What it leaves undone is deferred, never decided without it."""
+    return isinstance(exc, RetryableError | AuthenticationError | NotFoundError)
 
 
 class UnknownBackendError(LookupError):

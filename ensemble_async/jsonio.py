@@ -8,7 +8,9 @@ formatting, so their bytes do not depend on what is installed.
 
 ``loads`` accepts what ``json.loads`` accepts: a body orjson refuses (``NaN``,
 ``-Infinity``, which some servers send in log-probabilities) is parsed again by the
-standard library.  One difference remains: orjson reads an integer past 64 bits as a
+standard library.  Its text is always valid Unicode: a lone surrogate (an escape such as
+``"\\ud83d"`` for half an emoji, or raw surrogate bytes), which the standard library
+would keep and nothing downstream could encode, is read as U+FFFD.  One difference remains: orjson reads an integer past 64 bits as a
 float; no field an adapter reads (counts, indices, seeds) can hold one.
 ``dumps`` returns compact UTF-8 bytes; a value orjson cannot encode (an integer past
 64 bits, a non-string key) is encoded by the standard library instead.
@@ -45,6 +47,30 @@ def _std_dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+def _valid(value: Any) -> Any:
+    """``value`` with each lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+        return value
+    if isinstance(value, list):
+        return [_valid(v) for v in value]
+    if isinstance(value, dict):
+        return {_valid(k): _valid(v) for k, v in value.items()}
+    return value
+
+
+def _std_loads(data: bytes | str) -> Any:
+    value = json.loads(data)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    # only a \uD800-\uDFFF escape or a raw 0xED lead byte can give a lone surrogate
+    if b"\\ud" in raw or b"\\uD" in raw or b"\xed" in raw:
+        value = _valid(value)
+    return value
+
+
 if _orjson is not None:
     _orjson_loads = _orjson.loads
     _orjson_dumps = _orjson.dumps
@@ -55,8 +81,8 @@ if _orjson is not None:
         """Parse a JSON document (raises ``ValueError`` when it is not one)."""
         try:
             return _orjson_loads(data)
-        except _OrjsonDecodeError:
-            return json.loads(data)
+        except _OrjsonDecodeError:  # its text is valid Unicode; the fallback's is made so
+            return _std_loads(data)
 
     def dumps(value: Any) -> bytes:
         """Compact JSON as UTF-8 bytes (orjson writes NaN and infinities as ``null``;
@@ -71,7 +97,7 @@ else:  # pragma: no cover - exercised by a test that hides orjson
 
     def loads(data: bytes | str) -> Any:
         """Parse a JSON document (raises ``ValueError`` when it is not one)."""
-        return json.loads(data)
+        return _std_loads(data)
 
     def dumps(value: Any) -> bytes:
         """Compact JSON as UTF-8 bytes (``ValueError`` for NaN or infinities)."""

@@ -2,8 +2,8 @@
 
 A records file is one dataset only if every run that appended to it generated with the
 same definition: preset and effective generation settings, run seed, seed tasks, prompt
-templates, each member's backend kind and served model, the roles and the selection
-settings, and the library version.  ``<records stem>.manifest.json`` holds that
+templates, each member's backend kind, served model and prompt style
+(``instruction_tuned``), the roles and the selection settings, and the library version.  ``<records stem>.manifest.json`` holds that
 definition and its fingerprint (sha256 of its canonical JSON).  A rerun builds the
 manifest again and compares: any difference is refused, naming each changed field,
 before anything is written.  Targets, concurrency, timeouts, rate limits and URLs only
@@ -11,7 +11,8 @@ decide how much and how fast, so they are not part of it.
 
 The functions take plain values (the command line gathers them); nothing here does
 network I/O.  A served model id that could not be read (the server was down) is
-``None`` and matches any id.
+``None`` and matches any id; so does a member's ``instruction_tuned`` missing from a
+manifest written before it was recorded.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_manifest(
     settings: Mapping[str, Any],
     seed_tasks_sha256: str,
     templates_sha256: str,
-    members: Mapping[str, Mapping[str, str | None]],
+    members: Mapping[str, Mapping[str, Any]],
     roles: Mapping[str, Any],
     selection: Mapping[str, Any],
     library_version: str,
@@ -99,8 +100,9 @@ def run_manifest(
     """The manifest (with its ``fingerprint``) from plain values.
 
     ``settings``: the generation settings that decide the output
-    (``PipelineSettings.identity()``); ``members``: per member name, ``kind`` and
-    ``model`` (the served model id, or None when unknown); ``roles``: writer and
+    (``PipelineSettings.identity()``); ``members``: per member name, ``kind``,
+    ``model`` (the served model id, or None when unknown) and whatever else of the
+    member decides its prompts (``instruction_tuned``); ``roles``: writer and
     answerers; ``selection``: consensus settings not in ``settings`` (e.g.
     ``min_candidates``, ``writer_answers``, ``consensus_complete``).
     """
@@ -135,11 +137,20 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str =
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             changes += changed_fields(a, b, name + ".")
-        elif a != b and not (
-            name.startswith("members.") and name.endswith(".model") and None in (a, b)
-        ):
+        elif a != b and not _unknown(name, a, b):
             changes.append(f"{name}: {_show(a)} -> {_show(b)}")
     return changes
+
+
+def _unknown(name: str, old: Any, new: Any) -> bool:
+    """A member's served model id that could not be read matches any id; a member's
+    ``instruction_tuned`` that a manifest written before it was recorded lacks matches
+    either value (so a dataset begun then can still be finished)."""
+    if not name.startswith("members."):
+        return False
+    if name.endswith(".model"):
+        return None in (old, new)
+    return name.endswith(".instruction_tuned") and old is None
 
 
 def _show(value: Any) -> str:
@@ -174,17 +185,19 @@ def write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
-def check_manifest(path: Path, manifest: Mapping[str, Any]) -> bool:
+def check_manifest(path: Path, manifest: Mapping[str, Any]) -> str:
     """Compare with the manifest at ``path``: raise ``ManifestMismatchError`` naming each
-    changed field; write it when there is none yet (returns True then).  Blocking: call
-    it off the event loop."""
+    changed field; write it when there is none yet.  Returns the dataset's fingerprint,
+    the one its records carry: the stored manifest's when there is one (it may differ
+    from ``manifest``'s by what still matches, such as a model id that could not be
+    read).  Blocking: call it off the event loop."""
     old = read_manifest(path)
     if old is None:
         write_manifest(path, manifest)
-        return True
-    if old.get("fingerprint") == manifest.get("fingerprint"):
-        return False
-    changes = changed_fields(old, manifest)
-    if changes:
-        raise ManifestMismatchError(path, changes)
-    return False  # only an unknown served model id differs: the same definition
+        return str(manifest["fingerprint"])
+    if old.get("fingerprint") != manifest.get("fingerprint"):
+        changes = changed_fields(old, manifest)
+        if changes:
+            raise ManifestMismatchError(path, changes)
+    # the same definition (at most an unknown model id or a field not recorded then differs)
+    return str(old.get("fingerprint") or manifest["fingerprint"])

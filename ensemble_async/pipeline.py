@@ -37,7 +37,8 @@ replayed (a response cache makes that free and decides the same instructions), a
 slot the sink already holds is never decided again.
 
 Unavailable members.  An error that says the member is unavailable (retries exhausted on
-a retryable error, breaker open) decides nothing:
+a retryable error, breaker open, credentials refused, model or endpoint not found)
+decides nothing:
 
 * in step 1 the kind stops at that attempt (later attempts would see a different pool
   of generated instructions than an uninterrupted run), the rest of the kind deferred;
@@ -86,7 +87,7 @@ from . import __version__
 from .breaker import CircuitOpenError
 from .consensus import Selection, select
 from .ensemble import Candidate, Decide, Ensemble
-from .errors import BackendError, RetryableError
+from .errors import BackendError, cannot_serve
 from .filters import (
     ParsedInstance,
     Rejection,
@@ -202,7 +203,7 @@ def _utc_now() -> str:
 def unavailable(exc: BaseException) -> bool:
     """Whether an error says the member is unavailable (decides nothing) rather than
     that the request itself is bad."""
-    return isinstance(exc, RetryableError | CircuitOpenError)
+    return isinstance(exc, CircuitOpenError) or cannot_serve(exc)
 
 
 def _candidate_unavailable(c: Candidate) -> bool:
@@ -911,6 +912,7 @@ class Pipeline:
                 candidates = [given]
                 decision = {**selection.to_dict(), "policy": settings.consensus_policy}
                 missing: list[str] = []
+                too_few = False
             else:
                 requests = [
                     settings.answer_decoding.request(prompts[style], seed=seed)
@@ -952,6 +954,11 @@ class Pipeline:
                         threshold=selection.threshold,
                     )
                 missing = [c.source for c in answered if _candidate_unavailable(c)]
+                if result.rule == "too-few-candidates" and not missing:
+                    # The item's deadline passed while these were still answering: too
+                    # slow is unavailable for now, never a reason to reject the slot.
+                    missing = [c.source for c in answered if c.status == "cancelled"]
+                too_few = result.rule == "too-few-candidates"
                 if result.rule == "target-unavailable" and self.target is not None:
                     missing.append(self.target.name)
                 self.summary.count("answers", "accepted")
@@ -962,7 +969,7 @@ class Pipeline:
             if writer_answer is not None and not writer_answer.done():
                 writer_answer.cancel()
         target_down = self.target is not None and self.target.name in missing
-        if target_down or self.voices - len(missing) < self.min_candidates:
+        if too_few or target_down or self.voices - len(missing) < self.min_candidates:
             return Deferred(
                 stage="answers",
                 type=kind,

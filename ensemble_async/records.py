@@ -41,6 +41,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -116,6 +117,18 @@ def _drop_none(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in items if v is not None}
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every float JSON cannot hold (``-inf``: a candidate without a usable
+    score under the target; ``nan``) as None, so a record is always one JSON line."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class CandidateRecord:
     """One candidate answer as a record's provenance keeps it (no timings: a record must
@@ -160,7 +173,7 @@ class CandidateRecord:
 class Provenance:
     """How a record (or a consensus reject) was decided.  ``decision`` is the consensus
     selection as :meth:`~ensemble_async.consensus.Selection.to_dict` gives it, plus the
-    policy.  ``writer_answer``: the writer's own zero-shot answer when it is kept for
+    policy (a score JSON cannot hold, such as ``-inf``, is written as null).  ``writer_answer``: the writer's own zero-shot answer when it is kept for
     provenance only (never a vote).  ``library_version``, ``created_at`` (UTC, ISO 8601)
     and ``fingerprint`` (the run manifest's) are written when known."""
 
@@ -184,7 +197,7 @@ class Provenance:
             "instruction_index": self.instruction_index,
             "novelty_max_rouge": self.novelty_max_rouge,
             "candidates": [c.to_json() for c in self.candidates],
-            "decision": dict(self.decision),
+            "decision": _finite(self.decision),
             "preset": self.preset,
             "seed": self.seed,
         }
@@ -604,14 +617,14 @@ class RecordFile:
         if rid in self.ids:
             return None
         try:
-            line = json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n"
-        except (TypeError, ValueError) as exc:
+            line = (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        except (TypeError, ValueError) as exc:  # a lone surrogate fails to encode as UTF-8
             raise ValueError(f"record {rid} is not JSON: {exc}") from exc
         self.ids.add(rid)
         slot = slot_of(data)
         if slot is not None:
             self.slots[slot] = rid
-        return rid, line.encode("utf-8")
+        return rid, line
 
     def append_lines(self, lines: Sequence[bytes]) -> None:
         """Append ``lines`` and fsync once.  On failure nothing partial stays behind."""

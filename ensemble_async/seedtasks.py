@@ -142,8 +142,9 @@ def parse_seed_tasks(text: str, source: str = "<string>") -> list[SeedTask]:
     """Parse seed tasks from the text of a Self-Instruct seed file.
 
     ``source`` only labels error messages. Raises :class:`SeedFormatError` on bad JSON,
-    a line that is not an object, a missing or mistyped field, an empty id or
-    instruction, no instances, a duplicate id, or when there is no task at all.
+    a line that is not an object, text that is not valid Unicode (a lone surrogate
+    escape), a missing or mistyped field, an empty id or instruction, no instances, a
+    duplicate id, or when there is no task at all.
     """
     tasks: list[SeedTask] = []
     first_line: dict[str, int] = {}
@@ -160,6 +161,12 @@ def parse_seed_tasks(text: str, source: str = "<string>") -> list[SeedTask]:
             raise SeedFormatError(
                 source, lineno, f"expected a JSON object, got {_type_name(record)}"
             )
+        try:  # an escape such as "\ud83d" alone is half a character: no text can hold it
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise SeedFormatError(
+                source, lineno, "a lone surrogate escape (\\ud800-\\udfff) is not valid Unicode"
+            ) from None
         task = _parse_record(record, source, lineno)
         if task.id in first_line:
             raise SeedFormatError(

@@ -15,8 +15,10 @@ Opening (``await AsyncRecordWriter.open(...)``) runs the checks, the torn-line r
 the scan of both files in a worker thread.  Beside the records it keeps
 ``<stem>.deferred.jsonl`` (the items the last run deferred; replaced atomically by
 ``write_deferred``) and ``<stem>.summary.json`` (``write_summary``), both written off
-the loop.  After a write fails (full disk), every later entry fails with the same
-``RecordStorageError``; what was acknowledged before is on disk.
+the loop.  After a write fails (full disk, or any other error in the writer thread),
+every later entry fails with the same ``RecordStorageError``; what was acknowledged
+before is on disk.  Once ``aclose`` is called, an entry still waiting for room is
+refused (``RecordFileError``): no future is ever left pending.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .records import (
     Record,
     RecordFile,
     RecordFileError,
+    RecordStorageError,
     Reject,
     Slot,
     default_rejects_path,
@@ -71,7 +74,7 @@ def _read_deferred(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise RecordFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     items = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): U+2028 may stand inside a line
         with contextlib.suppress(ValueError):
             value = json.loads(line)
             if isinstance(value, dict):
@@ -185,6 +188,13 @@ class AsyncRecordWriter:
         target = self._records if isinstance(entry, Record) else self._rejects
         done: asyncio.Future[bool] = self._loop.create_future()
         await self._room.acquire()
+        if self._closed or self._failed is not None:
+            # Closed (or failed) while waiting for room: the writer thread may be gone,
+            # so nothing queued now would ever be written or answered.
+            self._room.release()
+            if self._failed is not None:
+                raise self._failed
+            raise RecordFileError(f"{self.path} is closed")
         try:
             encoded = target.encode(entry)
         except BaseException:
@@ -204,9 +214,15 @@ class AsyncRecordWriter:
     async def flush(self) -> None:
         """Wait until everything submitted so far is on disk."""
         marker: asyncio.Future[bool] = self._loop.create_future()
-        await self._room.acquire()
-        self._jobs.put((self._records, b"", marker))
-        await marker
+        if not self._closed:
+            await self._room.acquire()
+            if not self._closed:
+                self._jobs.put((self._records, b"", marker))
+                await marker
+                return
+            self._room.release()
+        # Closing: the thread writes everything queued before it stops.
+        await asyncio.shield(self._stopped)
 
     def _work(self) -> None:
         """The writer thread: group commits until the stop marker."""
@@ -233,6 +249,10 @@ class AsyncRecordWriter:
                             target.append_lines([line for f, line, _ in batch if f is target])
                     except RecordFileError as exc:
                         error = self._failed = exc
+                    except Exception as exc:  # e.g. out of memory: fail loudly, never hang
+                        error = self._failed = RecordStorageError(
+                            f"cannot append to {self.path}: {type(exc).__name__}: {exc}"
+                        )
                 self._call(self._settle, batch, error)
         finally:
             self._records.close()

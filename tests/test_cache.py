@@ -4,6 +4,7 @@ SIGKILL, and the cache sitting above admission."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sqlite3
@@ -25,6 +26,7 @@ from ensemble_async.cache import CacheError, ResponseCache, cache_key
 from ensemble_async.errors import ConnectError
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
+from ensemble_async.scoring import CompletionScore
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.types import (
     BackendInfo,
@@ -219,6 +221,23 @@ async def test_put_get_roundtrip_and_reopen(tmp_path: Path) -> None:
         assert await again.get("k1") == completions
     finally:
         await again.aclose()
+
+
+async def test_scores_with_infinite_log_probabilities_are_stored_and_read_back(
+    tmp_path: Path,
+) -> None:
+    """A server may give a token -Infinity (or NaN): the scores are stored as they are
+    (storing them used to raise, and the run stopped at that item on every rerun)."""
+    scores = [
+        CompletionScore("a", (-0.5, -math.inf), ("x", "y"), backend="t", model="m"),
+        CompletionScore("b", (math.nan,), None, backend="t"),
+    ]
+    async with ResponseCache(tmp_path / "c.sqlite") as cache:
+        await cache.put_scores("s1", scores)
+        got = await cache.get_scores("s1")
+    assert got is not None
+    assert got[0] == scores[0]
+    assert got[1].text == "b" and math.isnan(got[1].token_logprobs[0])
 
 
 async def test_opening_happens_off_the_loop_and_lazily(tmp_path: Path) -> None:

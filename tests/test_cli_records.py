@@ -8,12 +8,14 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from served import Server
 from test_cli_generate import config_text, read_jsonl, servers, write_config
 
 from ensemble_async import cli
+from ensemble_async.manifest import changed_fields, fingerprint
 from ensemble_async.records import RecordWriter
 
 __all__ = ["servers"]  # the module-scoped fixture of the doubles, shared
@@ -34,7 +36,11 @@ def test_summary_json_and_manifest_beside_the_records(
     assert summary["records_written"] == len(records) > 0 and summary["deferred"] == 0
     manifest = json.loads(out.with_name("records.manifest.json").read_text())
     assert manifest["seed"] == 3
-    assert manifest["members"]["writer"] == {"kind": "tgi", "model": "double/tgi-model"}
+    assert manifest["members"]["writer"] == {
+        "kind": "tgi",
+        "model": "double/tgi-model",
+        "instruction_tuned": True,
+    }
     assert all(r["provenance"]["fingerprint"] == manifest["fingerprint"] for r in records)
     assert {c["backend"] for c in records[0]["provenance"]["candidates"]} == {"tgi", "openai"}
 
@@ -62,6 +68,63 @@ def test_a_rerun_with_another_seed_exits_2_naming_it_and_writes_nothing(
     )
     assert _generate(cfg) == cli.EXIT_OK
     assert len(read_jsonl(out)) > before["records.jsonl"].count(b"\n")
+
+
+def test_a_rerun_that_changes_an_answerers_prompt_style_exits_2_naming_it(
+    servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``instruction_tuned = false`` gives an answerer few-shot prompts instead of the
+    zero-shot ones: other answers, so another dataset, refused before anything is written."""
+    out = tmp_path / "out" / "records.jsonl"
+    cfg = write_config(tmp_path / "cfg.toml", config_text(*servers, out, io_n=2, o_n=1))
+    assert _generate(cfg) == cli.EXIT_OK
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir() if "cache" not in p.name}
+    capsys.readouterr()
+    text = config_text(*servers, out, io_n=4, o_n=2).replace(
+        'kind = "openai"', 'kind = "openai"\ninstruction_tuned = false'
+    )
+    write_config(cfg, text)
+    assert _generate(cfg) == cli.EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "members.answerer.instruction_tuned: true -> false" in err
+    after = {p.name: p.read_bytes() for p in out.parent.iterdir() if "cache" not in p.name}
+    assert after == before
+
+
+def test_a_manifest_written_before_prompt_styles_were_recorded_still_matches() -> None:
+    member: dict[str, Any] = {"kind": "tgi", "model": "m"}
+    old = {"seed": 1, "members": {"a": member}}
+    new = {"seed": 1, "members": {"a": {**member, "instruction_tuned": False}}}
+    assert changed_fields(old, new) == []
+    assert changed_fields({**old, "seed": 2}, new) == ["seed: 2 -> 1"]
+    tuned = {"seed": 1, "members": {"a": {**member, "instruction_tuned": True}}}
+    assert changed_fields(tuned, new) == ["members.a.instruction_tuned: true -> false"]
+
+
+def test_a_rerun_an_older_manifest_still_matches_keeps_the_datasets_fingerprint(
+    servers: tuple[str, str], tmp_path: Path
+) -> None:
+    """A manifest that lacks a field recorded since (or holds a model id that could not be
+    read) still matches; the records the rerun adds carry the fingerprint the dataset was
+    begun with, so every record of one dataset names the manifest beside it."""
+    out = tmp_path / "out" / "records.jsonl"
+    cfg = write_config(tmp_path / "cfg.toml", config_text(*servers, out, io_n=2, o_n=1))
+    assert _generate(cfg) == cli.EXIT_OK
+    path = out.with_name("records.manifest.json")
+    older = json.loads(path.read_text())
+    begun_with = older["fingerprint"]
+    for member in older["members"].values():
+        del member["instruction_tuned"]
+    older["fingerprint"] = fingerprint(older)
+    path.write_text(json.dumps(older))
+    for written in (out, out.with_name("records.rejects.jsonl")):  # as that run wrote them
+        written.write_text(written.read_text().replace(begun_with, older["fingerprint"]))
+    write_config(cfg, config_text(*servers, out, io_n=4, o_n=2))
+    assert _generate(cfg) == cli.EXIT_OK
+    records = read_jsonl(out)
+    assert len(records) > 2
+    assert {r["provenance"]["fingerprint"] for r in records} == {older["fingerprint"]}
+    assert json.loads(path.read_text())["fingerprint"] == older["fingerprint"]
 
 
 def test_outputs_that_are_not_records_files_exit_7_untouched(

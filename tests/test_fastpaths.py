@@ -50,6 +50,18 @@ def test_loads_refuses_what_is_not_json_with_a_value_error(body: bytes) -> None:
         jsonio.loads(body)
 
 
+def test_loads_gives_text_that_is_valid_unicode() -> None:
+    """A lone surrogate escape (half an emoji) or raw surrogate bytes from a server are
+    read as U+FFFD: such text could not be hashed for the cache, sent in the next
+    request or written in a record (the run stopped with a traceback, and every rerun
+    stopped at the same answer)."""
+    body = b'{"text": "a\\ud83d b \\udc00", "pair": "\\ud83d\\ude00", "k\\ud800": ["\\ud800"]}'
+    want = {"text": "a\ufffd b \ufffd", "pair": "\U0001f600", "k\ufffd": ["\ufffd"]}
+    assert jsonio.loads(body) == want
+    assert jsonio.loads(body.decode()) == want
+    assert jsonio.loads(b'{"t": "\xed\xa0\x80 \xed\x9f\xbf"}') == {"t": "\ufffd \ud7ff"}
+
+
 def test_dumps_gives_compact_utf8_that_reads_back() -> None:
     value = {"model": "m", "messages": [{"role": "user", "content": "naïve ✓"}], "t": 0.7}
     raw = jsonio.dumps(value)

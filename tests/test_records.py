@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from ensemble_async.records import (
+    Provenance,
+    Record,
     RecordFileError,
     RecordWriter,
     default_rejects_path,
@@ -136,6 +139,38 @@ def test_bad_records_are_refused(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(RecordFileError, match="closed"):
         w.write(rec(1))
+
+
+def test_an_entry_that_is_not_valid_unicode_is_refused_and_not_marked_present(
+    tmp_path: Path,
+) -> None:
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        with pytest.raises(ValueError, match="not JSON"):
+            w.write({"id": "a", "output": "half an emoji \ud83d"})
+        assert not w.has("a") and w.count == 0
+        assert w.write({"id": "a", "output": "fixed"})  # the id was never taken
+    assert [r["id"] for r in lines(tmp_path / "r.jsonl")] == ["a"]
+
+
+def test_a_decision_with_infinite_scores_is_written_as_valid_json(tmp_path: Path) -> None:
+    """Target-fit scores a candidate -inf (no tokens, or a server's -Infinity
+    log-probability) or NaN: the record is still one valid JSON line, such scores
+    written as null (no usable score), instead of the run stopping at that item."""
+    decision = {
+        "rule": "exact",
+        "selection": {"rule": "target-fit", "scores": [[0, -1.5], [1, -math.inf], [2, math.nan]]},
+    }
+    prov = Provenance("w", 0, 0, 0.1, (), decision, "default", 42)
+    record = Record("ei-x", "output", "Do X.", "", "done", prov)
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        assert w.write(record)
+    (line,) = lines(tmp_path / "r.jsonl")
+    assert line["provenance"]["decision"]["selection"]["scores"] == [
+        [0, -1.5],
+        [1, None],
+        [2, None],
+    ]
+    assert prov.decision["selection"]["scores"][1][1] == -math.inf  # the value is untouched
 
 
 def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:

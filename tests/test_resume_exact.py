@@ -65,7 +65,10 @@ def _key(r: dict[str, Any]) -> tuple[str, str, str, str, int]:
 
 @asynccontextmanager
 async def _doubles(
-    *, writer_faults: FaultPlan | None = None, answerer_up: bool = True
+    *,
+    writer_faults: FaultPlan | None = None,
+    answerer_up: bool = True,
+    answerer_faults: FaultPlan | None = None,
 ) -> AsyncIterator[tuple[Member, list[Member]]]:
     async with AsyncExitStack() as stack:
         w = await stack.enter_async_context(
@@ -76,7 +79,9 @@ async def _doubles(
         a1 = await stack.enter_async_context(TGIDouble(responder=EIResponder("a1")))
         a2_url = "http://127.0.0.1:9"  # nothing listens: connection refused
         if answerer_up:
-            a2 = await stack.enter_async_context(OpenAIDouble(responder=EIResponder("a2")))
+            a2 = await stack.enter_async_context(
+                OpenAIDouble(responder=EIResponder("a2"), faults=answerer_faults)
+            )
             a2_url = a2.url
 
         def member(backend: Any) -> Member:
@@ -97,12 +102,15 @@ async def _run(
     *,
     writer_faults: FaultPlan | None = None,
     answerer_up: bool = True,
+    answerer_faults: FaultPlan | None = None,
     **overrides: Any,
 ) -> tuple[PipelineSummary, Pipeline]:
     overrides.setdefault("targets", {"input_output": 5, "output": 0})
     settings = PipelineSettings.preset("default", **overrides)
     async with (
-        _doubles(writer_faults=writer_faults, answerer_up=answerer_up) as (writer, answerers),
+        _doubles(
+            writer_faults=writer_faults, answerer_up=answerer_up, answerer_faults=answerer_faults
+        ) as (writer, answerers),
         await AsyncRecordWriter.open(out) as sink,
     ):
         pipeline = Pipeline(
@@ -193,6 +201,73 @@ async def test_items_short_of_candidates_are_deferred_then_finished(tmp_path: Pa
     assert len({r["id"] for r in final}) == len(final)
     final_rejects = _lines(out.with_name("records.rejects.jsonl"))
     assert sorted(r["id"] for r in final_rejects) == sorted(r["id"] for r in expected_rejects)
+
+
+def _always(status: int) -> FaultPlan:
+    return FaultPlan(rate=1.0, choices=[Fault.status(status)])
+
+
+async def test_a_member_refused_for_its_credentials_or_model_defers_never_decides_without_it(
+    tmp_path: Path,
+) -> None:
+    """A 401/403 (key revoked mid-run) or a 404 (the server now serves another model)
+    says the member cannot serve, not that the request is bad: nothing is decided
+    without it and the same command, once it is fixed, finishes the dataset exactly."""
+    targets = {"input_output": 4, "output": 2}
+    healthy = tmp_path / "healthy.jsonl"
+    await _run(healthy, targets=targets)
+    expected = _lines(healthy)
+
+    out = tmp_path / "records.jsonl"
+    for status in (401, 404):
+        first, _ = await _run(out, targets=targets, answerer_faults=_always(status))
+        assert first.records_written == 0  # no consensus of the writer and a1 alone
+        assert first.deferred > 0
+        assert not _lines(out)
+        assert not any(
+            r["stage"] == "consensus" for r in _lines(out.with_name("records.rejects.jsonl"))
+        )
+        assert all(d["members"] == ["a2"] for d in _lines(out.with_name("records.deferred.jsonl")))
+
+    # the writer refused in step 1: the kinds stop there (deferred), no attempt is burnt
+    # as a permanent reject
+    stopped, _ = await _run(out, targets=targets, writer_faults=_always(403))
+    assert stopped.deferred == 2 and stopped.attempts == {"input_output": 0, "output": 0}
+    assert not any(
+        r["reason"].startswith("backend_error")
+        for r in _lines(out.with_name("records.rejects.jsonl"))
+    )
+
+    second, _ = await _run(out, targets=targets)
+    assert second.deferred == 0
+    assert sorted(map(_key, _lines(out))) == sorted(map(_key, expected))
+
+
+async def test_an_answerer_past_the_consensus_deadline_defers_the_item_not_rejects_it(
+    tmp_path: Path,
+) -> None:
+    """At ``consensus_deadline_s`` the answers still missing are cancelled: too few
+    candidates, because a member was too slow, leaves the slot open (deferred), never
+    a permanent ``too-few-candidates`` reject."""
+    targets = {"input_output": 3, "output": 1}
+    healthy = tmp_path / "healthy.jsonl"
+    await _run(healthy, targets=targets)
+    expected = _lines(healthy)
+
+    out = tmp_path / "records.jsonl"
+    hang = FaultPlan(rate=1.0, choices=[Fault.hang()])
+    first, _ = await _run(out, targets=targets, answerer_faults=hang, consensus_deadline_s=0.2)
+    assert first.records_written == 0
+    consensus = [
+        r for r in _lines(out.with_name("records.rejects.jsonl")) if r["stage"] == "consensus"
+    ]
+    assert consensus == []
+    assert first.deferred > 0
+    assert all(d["members"] == ["a2"] for d in _lines(out.with_name("records.deferred.jsonl")))
+
+    second, _ = await _run(out, targets=targets)
+    assert second.deferred == 0
+    assert sorted(map(_key, _lines(out))) == sorted(map(_key, expected))
 
 
 async def test_fewer_candidates_may_decide_when_allowed(tmp_path: Path) -> None:

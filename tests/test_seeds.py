@@ -255,6 +255,7 @@ GOOD_2 = _line(id="b", instances=[{"input": "", "output": "ok"}])
         ),
         ([_line(instruction="  \n ")], 1, "'instruction' is empty"),
         ([_line(id="")], 1, "'id' is empty"),
+        ([GOOD_1, _line(id="c", instruction="Say \ud83d hi")], 2, "not valid Unicode"),
         ([GOOD_1, GOOD_2, GOOD_1], 3, "duplicate id 'a' (first seen on line 1)"),
         # Blank lines are skipped but still counted.
         ([GOOD_1, "", "   ", "{bad"], 4, "invalid JSON"),

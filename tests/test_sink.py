@@ -25,9 +25,11 @@ from ensemble_async.pipeline import Pipeline, record_id
 from ensemble_async.presets import PipelineSettings
 from ensemble_async.records import (
     CorruptRecordFileError,
+    Deferred,
     NotARecordsFileError,
     Record,
     RecordFile,
+    RecordFileError,
     RecordFileLockedError,
     RecordStorageError,
     RecordWriter,
@@ -165,6 +167,64 @@ async def test_a_full_disk_fails_every_later_write_and_keeps_what_was_acknowledg
     monkeypatch.setattr(os, "write", real_write)
     await sink.aclose()
     assert [r["id"] for r in _lines(out)] == ["ei-1"]
+
+
+async def test_an_entry_waiting_for_room_when_the_sink_closes_is_refused_not_left_pending(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "r.jsonl"
+    sink = await AsyncRecordWriter.open(out, capacity=1)
+    first = await sink.submit(_record("ei-1"))  # takes the only room in the queue
+    second = asyncio.create_task(sink.submit(_record("ei-2")))
+    await asyncio.sleep(0)  # one turn of the loop: it is waiting for room now
+    assert not second.done()
+    closing = asyncio.create_task(sink.aclose())
+    async with asyncio.timeout(30):  # a pending entry would hang here for ever
+        assert await first
+        with pytest.raises(RecordFileError, match="closed"):
+            await (await second)
+        await closing
+        await sink.flush()  # after close: nothing pending, returns
+    assert not sink.has("ei-2")
+    assert [r["id"] for r in _lines(out)] == ["ei-1"]
+
+
+async def test_an_unexpected_error_in_the_writer_thread_fails_the_entries_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.jsonl"
+    sink = await AsyncRecordWriter.open(out)
+    assert await sink.write(_record("ei-1"))
+    real = RecordFile.append_lines
+
+    def out_of_memory(self: RecordFile, lines: Any) -> None:
+        raise MemoryError("cannot allocate the batch")
+
+    monkeypatch.setattr(RecordFile, "append_lines", out_of_memory)
+    async with asyncio.timeout(30):  # the lost error used to leave these pending for ever
+        with pytest.raises(RecordStorageError, match="MemoryError"):
+            await sink.write(_record("ei-2"))
+        with pytest.raises(RecordStorageError):
+            await sink.submit(_record("ei-3"))
+        monkeypatch.setattr(RecordFile, "append_lines", real)
+        await sink.aclose()
+    assert [r["id"] for r in _lines(out)] == ["ei-1"]
+
+
+async def test_the_deferred_list_reads_back_whole_whatever_its_text_holds(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "r.jsonl"
+    items = [
+        Deferred("answers", "output", "unavailable:a2", 42, instruction_index=i, instruction=text)
+        for i, text in enumerate(["one\u2028line", "next\x85line", "plain"])
+    ]
+    async with await AsyncRecordWriter.open(out) as sink:
+        await sink.write_deferred(items)
+    async with await AsyncRecordWriter.open(out) as sink:
+        assert sink.previous_deferred == [d.to_json() for d in items]
+        await sink.write_deferred([])
+    assert not sink.deferred_path.exists()
 
 
 # -- records-level safety -------------------------------------------------------------
