@@ -44,7 +44,8 @@ CandidateStatus = Literal["ok", "given", "failed", "unavailable", "circuit_open"
 """``failed``: the request failed for its own reason (a ``FatalError``: bad request,
 context too long); ``unavailable``: the member could not answer (retries spent on
 timeouts, refused connections, 5xx, 429; credentials refused; model not found);
-``circuit_open``: its breaker refused; ``cancelled``: not needed any more (decided without it, or past the deadline)."""
+``circuit_open``: its breaker refused; ``cancelled``: not needed any more (decided
+without it, or past the deadline)."""
 
 
 @dataclass(frozen=True)

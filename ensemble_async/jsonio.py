@@ -10,8 +10,9 @@ formatting, so their bytes do not depend on what is installed.
 ``-Infinity``, which some servers send in log-probabilities) is parsed again by the
 standard library.  Its text is always valid Unicode: a lone surrogate (an escape such as
 ``"\\ud83d"`` for half an emoji, or raw surrogate bytes), which the standard library
-would keep and nothing downstream could encode, is read as U+FFFD.  One difference remains: orjson reads an integer past 64 bits as a
-float; no field an adapter reads (counts, indices, seeds) can hold one.
+would keep and nothing downstream could encode, is read as U+FFFD.  One difference
+remains: orjson reads an integer past 64 bits as a float; no field an adapter reads
+(counts, indices, seeds) can hold one.
 ``dumps`` returns compact UTF-8 bytes; a value orjson cannot encode (an integer past
 64 bits, a non-string key) is encoded by the standard library instead.
 ``ENSEMBLE_ASYNC_JSON=json`` makes the standard library do all of it.

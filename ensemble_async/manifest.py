@@ -3,8 +3,9 @@
 A records file is one dataset only if every run that appended to it generated with the
 same definition: preset and effective generation settings, run seed, seed tasks, prompt
 templates, each member's backend kind, served model and prompt style
-(``instruction_tuned``), the roles and the selection settings, and the library version.  ``<records stem>.manifest.json`` holds that
-definition and its fingerprint (sha256 of its canonical JSON).  A rerun builds the
+(``instruction_tuned``), the roles and the selection settings, and the library
+version.  ``<records stem>.manifest.json`` holds that definition and its fingerprint
+(sha256 of its canonical JSON).  A rerun builds the
 manifest again and compares: any difference is refused, naming each changed field,
 before anything is written.  Targets, concurrency, timeouts, rate limits and URLs only
 decide how much and how fast, so they are not part of it.

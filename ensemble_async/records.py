@@ -173,8 +173,9 @@ class CandidateRecord:
 class Provenance:
     """How a record (or a consensus reject) was decided.  ``decision`` is the consensus
     selection as :meth:`~ensemble_async.consensus.Selection.to_dict` gives it, plus the
-    policy (a score JSON cannot hold, such as ``-inf``, is written as null).  ``writer_answer``: the writer's own zero-shot answer when it is kept for
-    provenance only (never a vote).  ``library_version``, ``created_at`` (UTC, ISO 8601)
+    policy (a score JSON cannot hold, such as ``-inf``, is written as null).
+    ``writer_answer``: the writer's own zero-shot answer when it is kept for provenance
+    only (never a vote).  ``library_version``, ``created_at`` (UTC, ISO 8601)
     and ``fingerprint`` (the run manifest's) are written when known."""
 
     writer: str
