@@ -335,20 +335,15 @@ async def test_a_close_delimited_answer_broken_off_by_a_reset_is_not_an_answer(
     assert (status, body) == (413, b"too large")
 
 
-async def test_the_head_limit_holds_exactly_however_the_head_arrives(serve: Serve) -> None:
-    def head(size: int) -> bytes:  # a head of `size` bytes, its closing blank line included
-        start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
-        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
-
-    cases = [(size, split) for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1) for split in (0, 1)]
+async def _limit_holds(serve: Serve, answers: list[tuple[int, bytes, int]], refused: str) -> None:
+    """Each answer ``(size, data, cut)`` goes in two writes split at ``cut``, one answer per
+    request: read when ``size`` is within ``MAX_HEAD_BYTES``, else refused as ``refused``."""
 
     def make(server: Scripted) -> Handler:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             while True:
                 await server.read_request(reader)
-                size, split = cases[len(server.requests) - 1]
-                data = head(size) + b"ok"
-                cut = len(data) - 2 - split  # whole, or all but the last byte of the head
+                _, data, cut = answers[len(server.requests) - 1]
                 writer.write(data[:cut])
                 await writer.drain()
                 writer.write(data[cut:])
@@ -359,14 +354,28 @@ async def test_the_head_limit_holds_exactly_however_the_head_arrives(serve: Serv
     server = await serve(make)
     origin = Origin(server.url)
     try:
-        for size, _ in cases:
+        for size, _, _ in answers:
             if size <= MAX_HEAD_BYTES:
                 assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
             else:
-                with pytest.raises(MalformedResponseError, match="head is over the limit"):
+                with pytest.raises(MalformedResponseError, match=refused):
                     await asyncio.wait_for(post(origin), 10)
     finally:
         await origin.aclose()
+
+
+async def test_the_head_limit_holds_exactly_however_the_head_arrives(serve: Serve) -> None:
+    def head(size: int) -> bytes:  # a head of `size` bytes, its closing blank line included
+        start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
+        return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+    # whole, or all but the last byte of the head first
+    answers = [
+        (size, head(size) + b"ok", len(head(size)) - split)
+        for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1)
+        for split in (0, 1)
+    ]
+    await _limit_holds(serve, answers, "head is over the limit")
 
 
 async def test_bodies_are_bounded_and_error_bodies_cut(serve: Serve) -> None:
@@ -713,38 +722,14 @@ async def test_the_head_limit_holds_exactly_for_heads_ended_by_a_bare_lf(serve: 
         start = b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Pad: "
         return start + b"a" * (size - len(start) - len(end)) + end
 
-    cases = [
-        (size, end, split)
+    # whole, or all but the last byte of the head first
+    answers = [
+        (size, head(size, end) + b"ok", size - split)
         for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1)
         for end in (b"\n\n", b"\n\r\n", b"\r\n\n")
         for split in (0, 1)
     ]
-
-    def make(server: Scripted) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await server.read_request(reader)
-                size, end, split = cases[len(server.requests) - 1]
-                data = head(size, end) + b"ok"
-                cut = len(data) - 2 - split  # whole, or all but the last byte of the head
-                writer.write(data[:cut])
-                await writer.drain()
-                writer.write(data[cut:])
-                await writer.drain()
-
-        return handler
-
-    server = await serve(make)
-    origin = Origin(server.url)
-    try:
-        for size, _, _ in cases:
-            if size <= MAX_HEAD_BYTES:
-                assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
-            else:
-                with pytest.raises(MalformedResponseError, match="head is over the limit"):
-                    await asyncio.wait_for(post(origin), 10)
-    finally:
-        await origin.aclose()
+    await _limit_holds(serve, answers, "head is over the limit")
 
 
 async def test_a_rearmed_read_timer_is_cancelled_when_the_answer_completes(serve: Serve) -> None:
@@ -855,33 +840,11 @@ async def test_the_trailer_limit_holds_exactly_however_the_trailers_arrive(serve
         start = b"X-Pad: "
         return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
 
-    cases = [(size, split) for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1) for split in (0, 1)]
-
-    def make(server: Scripted) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await server.read_request(reader)
-                size, split = cases[len(server.requests) - 1]
-                data = (
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
-                    + trailers(size)
-                )
-                cut = len(data) - split  # whole, or all but the last byte
-                writer.write(data[:cut])
-                await writer.drain()
-                writer.write(data[cut:])
-                await writer.drain()
-
-        return handler
-
-    server = await serve(make)
-    origin = Origin(server.url)
-    try:
-        for size, _ in cases:
-            if size <= MAX_HEAD_BYTES:
-                assert (await asyncio.wait_for(post(origin), 10))[2] == b"ok"
-            else:
-                with pytest.raises(MalformedResponseError, match="trailers are over the limit"):
-                    await asyncio.wait_for(post(origin), 10)
-    finally:
-        await origin.aclose()
+    body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    # whole, or all but the last byte first
+    answers = [
+        (size, body + trailers(size), len(body) + size - split)
+        for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1)
+        for split in (0, 1)
+    ]
+    await _limit_holds(serve, answers, "trailers are over the limit")
