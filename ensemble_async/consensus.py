@@ -226,7 +226,8 @@ def _decide(
         if total > scores[items[best_pos][0]]:
             best_pos = a
     best = items[best_pos][0]
-    low = min(pairwise.values())
+    # A pair that could not be scored (NaN) ranks lowest, so it can never pass the threshold.
+    low = min(pairwise.values(), key=lambda s: (not math.isnan(s), s))
     common: dict[str, Any] = {
         "indices": indices,
         "pairwise": pairwise,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def test_threshold_is_strict() -> None:
     assert sel.min_pairwise == 0.01
     sel = select(texts, similarity=_table(low, texts), threshold=0.005)
     assert (sel.index, sel.rule) == (1, "medoid")
+
+
+def test_a_pair_scored_nan_is_not_an_agreement_wherever_it_sits() -> None:
+    """A similarity that cannot score a pair (NaN, e.g. a cosine of a zero vector) must
+    discard the item whatever the pair's position, never pass the threshold unseen."""
+    for texts in (["alpha", "beta", "gamma"], ["gamma", "alpha", "beta"]):
+        table = {
+            (i, j): math.nan if "gamma" in (texts[i], texts[j]) else 0.9
+            for i in range(3)
+            for j in range(i + 1, 3)
+        }
+        sel = select(texts, similarity=_table(table, texts))
+        assert (sel.index, sel.rule) == (None, "below-threshold")
+        assert sel.min_pairwise is not None and math.isnan(sel.min_pairwise)
 
 
 def test_weights_multiply_each_candidates_contributions() -> None:
