@@ -424,6 +424,17 @@ def test_quorum_policy_decides_on_agreement() -> None:
     assert decision.arrived == (0, 1, 2, 4)
 
 
+def test_an_empty_candidate_never_backs_a_quorum() -> None:
+    """Even at ``agreement=0`` an empty output agrees with nothing, so it cannot make up
+    a quorum for a lone answer."""
+    inc = IncrementalSelector(4, policy="quorum", agreement=0.0)
+    assert inc.add(0, "yes") is None
+    assert inc.add(1, "?!") is None
+    decision = inc.add(2, "no")
+    assert decision is not None and decision.selection.rule == "quorum"
+    assert decision.arrived == (0, 1, 2) and decision.index == 0  # 0 and 2 back each other
+
+
 def test_quorum_falls_back_to_the_batch_rule() -> None:
     inc = IncrementalSelector(3, policy="quorum")
     assert inc.add(0, "alpha beta") is None
