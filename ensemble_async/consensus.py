@@ -226,7 +226,8 @@ def _decide(
         if total > scores[items[best_pos][0]]:
             best_pos = a
     best = items[best_pos][0]
-    low = min(pairwise.values())
+    # A pair that could not be scored (NaN) ranks lowest, so it can never pass the threshold.
+    low = min(pairwise.values(), key=lambda s: (not math.isnan(s), s))
     common: dict[str, Any] = {
         "indices": indices,
         "pairwise": pairwise,
@@ -307,7 +308,7 @@ class IncrementalSelector:
       candidate that arrives (failed ones left out). For instance, once candidate 0 and
       an equal candidate have arrived, rule 1 fires whatever the others say.
     * ``"quorum"``: decides as soon as some non-empty candidate is backed by ``quorum - 1``
-      others with similarity ``>= agreement`` (normalised equality counts as 1.0); among
+      other non-empty ones with similarity ``>= agreement`` (normalised equality counts as 1.0); among
       such candidates the one with the highest (weighted) similarity sum to the arrived
       ones wins, ties to the lowest index. Faster, not always what :func:`select` picks.
     * ``"deadline"``: decides only when everything has arrived or :meth:`finalize` is
@@ -502,7 +503,7 @@ class IncrementalSelector:
                     continue
                 s = 1.0 if self._norms[i] == self._norms[j] else self._pair(i, j)
                 support += s if weights is None else weights[j] * s
-                if s >= self.agreement:
+                if s >= self.agreement and self._norms[j]:  # an empty one agrees with nothing
                     backers += 1
             if backers + 1 >= self.quorum and (best is None or support > best[0]):
                 best = (support, i)

@@ -148,9 +148,10 @@ class Ensemble:
     """Members (``Member`` or bare ``Backend``, wrapped with defaults) as one generator.
 
     ``policy``: ``exact`` (early only when no straggler can change the outcome; always
-    what waiting for everyone gives), ``quorum`` (decide once ``quorum`` candidates agree
-    at ``agreement`` similarity, cancel the rest) or ``deadline`` (decide with what has
-    arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
+    what waiting for everyone gives; under a target-fit selection every candidate is
+    waited for, as any of them may be the target's pick), ``quorum`` (decide once
+    ``quorum`` candidates agree at ``agreement`` similarity, cancel the rest) or
+    ``deadline`` (decide with what has arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
     ``min_candidates``: how many candidates (given ones included) must answer for an
     item to be decided; default: all of them.  A candidate answers by arriving or by
     failing for its own reason (a ``FatalError``: bad request, context too long), which
@@ -355,8 +356,11 @@ class Ensemble:
             candidate_of[task] = first_member + k
             task.add_done_callback(arrived)
         remaining = len(candidate_of)
+        # A target-fit policy picks among every candidate, so an exact consensus made
+        # early must not cut off a straggler the target could prefer: wait for them all.
+        settled = self.policy != "exact" or not self.selection.needs_scores
         try:
-            while remaining and not selector.done:
+            while remaining and not (settled and selector.done):
                 if not finished:
                     waiter = loop.create_future()
                     timer = None if deadline is None else loop.call_at(deadline, _wake, waiter)

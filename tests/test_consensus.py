@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -214,6 +215,20 @@ def test_threshold_is_strict() -> None:
     assert (sel.index, sel.rule) == (1, "medoid")
 
 
+def test_a_pair_scored_nan_is_not_an_agreement_wherever_it_sits() -> None:
+    """A similarity that cannot score a pair (NaN, e.g. a cosine of a zero vector) must
+    discard the item whatever the pair's position, never pass the threshold unseen."""
+    for texts in (["alpha", "beta", "gamma"], ["gamma", "alpha", "beta"]):
+        table = {
+            (i, j): math.nan if "gamma" in (texts[i], texts[j]) else 0.9
+            for i in range(3)
+            for j in range(i + 1, 3)
+        }
+        sel = select(texts, similarity=_table(table, texts))
+        assert (sel.index, sel.rule) == (None, "below-threshold")
+        assert sel.min_pairwise is not None and math.isnan(sel.min_pairwise)
+
+
 def test_weights_multiply_each_candidates_contributions() -> None:
     texts = ["alpha", "beta", "gamma"]
     table = {(0, 1): 0.9, (0, 2): 0.1, (1, 2): 0.5}
@@ -350,6 +365,61 @@ def test_min_candidates_for_any_arrival_order(
             assert rule == batch.rule
 
 
+@st.composite
+def weighted_arrivals(
+    draw: st.DrawFn,
+) -> tuple[list[str], list[int], list[str], list[float] | None, int | None, int]:
+    """Candidates (with non-ASCII ones that tokenise to nothing), an arrival order, each
+    candidate's fate, weights, a minimum, and the step at which the selector is pickled."""
+    texts = draw(st.lists(st.sampled_from([*PHRASES, "日本", "é", "runs", "running"]), max_size=6))
+    n = len(texts)
+    order = draw(st.permutations(list(range(n))))
+    fates = draw(
+        st.lists(st.sampled_from(["ok", "ok", "unavailable", "own"]), min_size=n, max_size=n)
+    )
+    weights = draw(
+        st.none() | st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=n, max_size=n)
+    )
+    minimum = draw(st.none() | st.integers(1, max(1, n)))
+    return texts, list(order), fates, weights, minimum, draw(st.integers(0, n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=weighted_arrivals())
+def test_exact_policy_with_weights_failures_minimum_and_a_pickled_copy(
+    data: tuple[list[str], list[int], list[str], list[float] | None, int | None, int],
+) -> None:
+    """Whatever arrives, fails or travels to another process, ``exact`` decides what
+    :func:`select` decides on the candidates that arrive, or too few."""
+    import pickle
+
+    texts, order, fates, weights, minimum, pickled_at = data
+    arrived = [i for i in range(len(texts)) if fates[i] == "ok"]
+    batch = select(
+        [texts[i] for i in arrived],
+        weights=None if weights is None else [weights[i] for i in arrived],
+    )
+    inc = IncrementalSelector(len(texts), weights=weights, min_candidates=minimum)
+    decision = None
+    for step, i in enumerate(order):
+        if step == pickled_at:
+            inc = pickle.loads(pickle.dumps(inc))
+        if fates[i] == "ok":
+            decision = inc.add(i, texts[i])
+        else:
+            decision = inc.fail(i, unavailable=fates[i] == "unavailable")
+        if decision is not None:
+            break
+    decision = decision or inc.finalize()
+    answered = len(arrived) + fates.count("own")
+    if minimum is not None and answered < minimum:
+        assert decision.selection.rule == "too-few-candidates" and decision.index is None
+    else:
+        assert decision.index == (None if batch.index is None else arrived[batch.index])
+        assert (decision.text, decision.selection.rule) == (batch.text, batch.rule)
+    assert inc.finalize() is decision
+
+
 def test_min_candidates_is_validated() -> None:
     with pytest.raises(ValueError, match="min_candidates"):
         IncrementalSelector(3, min_candidates=4)
@@ -407,6 +477,17 @@ def test_quorum_policy_decides_on_agreement() -> None:
     decision = loose.add(1, "the cat sat on a mat")
     assert decision is not None and decision.early and decision.index == 1
     assert decision.arrived == (0, 1, 2, 4)
+
+
+def test_an_empty_candidate_never_backs_a_quorum() -> None:
+    """Even at ``agreement=0`` an empty output agrees with nothing, so it cannot make up
+    a quorum for a lone answer."""
+    inc = IncrementalSelector(4, policy="quorum", agreement=0.0)
+    assert inc.add(0, "yes") is None
+    assert inc.add(1, "?!") is None
+    decision = inc.add(2, "no")
+    assert decision is not None and decision.selection.rule == "quorum"
+    assert decision.arrived == (0, 1, 2) and decision.index == 0  # 0 and 2 back each other
 
 
 def test_quorum_falls_back_to_the_batch_rule() -> None:

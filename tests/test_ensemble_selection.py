@@ -3,6 +3,8 @@ policy picks, provenance records every score and why."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ensemble_async.backend import BaseBackend
@@ -10,7 +12,7 @@ from ensemble_async.backends.tgi import TGIBackend
 from ensemble_async.ensemble import Ensemble
 from ensemble_async.member import Member
 from ensemble_async.retry import RetryPolicy
-from ensemble_async.scoring import ScoreRequest, ScoringUnsupportedError
+from ensemble_async.scoring import CompletionScore, ScoreRequest, ScoringUnsupportedError
 from ensemble_async.selection import SelectionConfig, fit_score
 from ensemble_async.testing.faults import Fault
 from ensemble_async.testing.tgi_double import TGIDouble
@@ -93,3 +95,61 @@ def test_members_named_after_their_backend_are_told_apart() -> None:
     assert ensemble.members[1].stats.name == "openai-2"
     with pytest.raises(ValueError, match="unique"):
         Ensemble([Member(a, name="x"), Member(b, name="x")])
+
+
+class Gated(BaseBackend):
+    """Answers ``text`` once ``gate`` is set (a straggler the test releases)."""
+
+    kind = "gated"
+
+    def __init__(self, text: str, gate: asyncio.Event, *, name: str) -> None:
+        super().__init__(name=name)
+        self.text, self.gate = text, gate
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        await self.gate.wait()
+        return [Completion(self.text, "stop", self.name, 0.0)]
+
+
+class LongerIsLikelier(BaseBackend):
+    """A target that scores a completion by its length: the longest is the likeliest."""
+
+    kind = "likes-long"
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        return [Completion("", "stop", self.name, 0.0)]
+
+    async def check_scoring(self) -> None:
+        return None
+
+    async def score(self, request: ScoreRequest) -> list[CompletionScore]:
+        return [
+            CompletionScore(text, (-1.0 / (1 + len(text)),), backend=self.name)
+            for text in request.completions
+        ]
+
+
+@pytest.mark.parametrize("policy", ["target-fit", "consensus+target-fit"])
+async def test_an_exact_early_decision_still_lets_the_target_see_every_candidate(
+    policy: str,
+) -> None:
+    """``exact`` promises what waiting for everyone gives: a consensus decided early must
+    not cancel a straggler that the target model would have picked."""
+    gate = asyncio.Event()
+    members = [
+        Member(Plain(name="p1")),
+        Member(Plain(name="p2")),
+        Member(Gated("plain answer, with more detail", gate, name="late")),
+    ]
+    target = Member(LongerIsLikelier(name="judge"))
+    config = SelectionConfig(policy=policy, target="judge")  # type: ignore[arg-type]
+    async with Ensemble(members, min_candidates=2, selection=config, target=target) as ens:
+        item = asyncio.create_task(ens.run(GenerationRequest(prompt="q", max_new_tokens=8)))
+        # The two fast members answer first; only then is the straggler let go.
+        while members[0].snapshot()["done"] + members[1].snapshot()["done"] < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        gate.set()
+        result = await item
+    assert result.decision.selection.rule == "shortcut-first" and result.decision.early
+    assert [c.status for c in result.candidates] == ["ok", "ok", "ok"]
+    assert result.winner is not None and result.winner.source == "late"
