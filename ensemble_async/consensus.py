@@ -308,9 +308,9 @@ class IncrementalSelector:
       candidate that arrives (failed ones left out). For instance, once candidate 0 and
       an equal candidate have arrived, rule 1 fires whatever the others say.
     * ``"quorum"``: decides as soon as some non-empty candidate is backed by ``quorum - 1``
-      other non-empty ones with similarity ``>= agreement`` (normalised equality counts as 1.0); among
-      such candidates the one with the highest (weighted) similarity sum to the arrived
-      ones wins, ties to the lowest index. Faster, not always what :func:`select` picks.
+      other non-empty ones with similarity ``>= agreement`` (normalised equality counts
+      as 1.0); among such candidates the one with the highest (weighted) similarity sum
+      to the arrived ones wins, ties to the lowest index. Faster, not always what :func:`select` picks.
     * ``"deadline"``: decides only when everything has arrived or :meth:`finalize` is
       called, with what has arrived.
 

@@ -151,7 +151,8 @@ class Ensemble:
     what waiting for everyone gives; under a target-fit selection every candidate is
     waited for, as any of them may be the target's pick), ``quorum`` (decide once
     ``quorum`` candidates agree at ``agreement`` similarity, cancel the rest) or
-    ``deadline`` (decide with what has arrived after ``deadline_s``).  ``deadline_s`` also bounds the other policies when set.
+    ``deadline`` (decide with what has arrived after ``deadline_s``).  ``deadline_s``
+    also bounds the other policies when set.
     ``min_candidates``: how many candidates (given ones included) must answer for an
     item to be decided; default: all of them.  A candidate answers by arriving or by
     failing for its own reason (a ``FatalError``: bad request, context too long), which
