@@ -324,6 +324,12 @@ class ReplicaSet(BaseBackend):
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    # Woken for a free slot, then cancelled before it could take it:
+                    # pass the turn on, or the next waiter may never be woken.
+                    self._wake(everyone=False)
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

@@ -396,3 +396,30 @@ async def test_an_untried_replica_is_tried_even_behind_a_fast_one() -> None:
     rs._set_latency = 5.0
     await rs.generate(GenerationRequest(prompt="x"))
     assert rs.replicas[1].requests == 1
+
+
+async def test_a_waiter_cancelled_just_after_its_wake_up_passes_the_turn_on() -> None:
+    """A request woken for a free slot but cancelled before it ran (the member's attempt
+    timeout, a straggler no longer needed) must wake the next waiter, or that one waits
+    for a release that never comes."""
+
+    class Quick(BaseBackend):
+        kind = "quick"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+    rs = ReplicaSet([Quick(name="a")], name="set")
+    rs.replicas[0].limit = 1
+    held = await rs._acquire(REQUEST)  # the one slot, taken
+    first = asyncio.create_task(rs.generate(REQUEST))
+    second = asyncio.create_task(rs.generate(REQUEST))
+    await asyncio.sleep(0)  # one step each: both find the slot taken and queue
+    assert len(rs._waiters) == 2
+    rs._release(held, 0.0, None)  # wakes `first` ...
+    first.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    async with asyncio.timeout(5):  # a lost wake-up would hang here
+        [c] = await second
+    assert c.text == "ok" and rs.replicas[0].outstanding == 0
