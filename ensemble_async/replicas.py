@@ -336,6 +336,7 @@ class ReplicaSet(BaseBackend):
 
     def _release(self, replica: Replica, started: float, error: BaseException | None) -> None:
         replica.outstanding -= 1
+        probe = replica.probing
         now = self._clock()
         if error is None:
             elapsed = now - started
@@ -373,11 +374,11 @@ class ReplicaSet(BaseBackend):
                 if isinstance(error, BackendError):
                     replica.in_service, replica.backoff_s = True, 0.0
                 self._refresh_out()
-        self._wake(everyone=error is not None)
+        self._wake(everyone=probe or error is not None)
 
     def _wake(self, *, everyone: bool) -> None:
-        """Wake one request waiting for a slot, or all of them (after a failure the
-        replicas in service may have changed, and each must look again)."""
+        """Wake one request waiting for a slot, or all of them (after a failure or a
+        probe the replicas in service may have changed, and each must look again)."""
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
@@ -450,14 +451,20 @@ class ReplicaSet(BaseBackend):
             *(health_of(r.backend) for r in self.replicas), return_exceptions=True
         )
         healthy = 0
-        for r, result in zip(self.replicas, results, strict=True):
-            if isinstance(result, Health) and result.ok:
-                healthy += 1
-                if not r.in_service and not r.probing:
-                    r.in_service, r.backoff_s = True, 0.0
-                    self._refresh_out()
-            elif isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result  # cancellation and the like
+        back = False
+        try:
+            for r, result in zip(self.replicas, results, strict=True):
+                if isinstance(result, Health) and result.ok:
+                    healthy += 1
+                    if not r.in_service and not r.probing:
+                        r.in_service, r.backoff_s = True, 0.0
+                        self._refresh_out()
+                        back = True
+                elif isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result  # cancellation and the like
+        finally:
+            if back:
+                self._wake(everyone=True)  # its slots are free: every waiter looks again
         detail = f"{healthy}/{len(self.replicas)} replicas healthy"
         return Health(ok=healthy > 0, latency_s=self._clock() - started, detail=detail)
 

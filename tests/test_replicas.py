@@ -423,3 +423,74 @@ async def test_a_waiter_cancelled_just_after_its_wake_up_passes_the_turn_on() ->
     async with asyncio.timeout(5):  # a lost wake-up would hang here
         [c] = await second
     assert c.text == "ok" and rs.replicas[0].outstanding == 0
+
+
+class Held(BaseBackend):
+    """Each call waits until the test answers it (``answer``); ``instant`` answers all."""
+
+    kind = "held"
+
+    def __init__(self, name: str, *, instant: bool = False, expect: int = 0) -> None:
+        super().__init__(name=name)
+        self.instant = instant
+        self.pending: list[asyncio.Future[None]] = []
+        self.expected = asyncio.Event()  # set once ``expect`` calls have arrived
+        self._expect = expect
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        if not self.instant:
+            future = asyncio.get_running_loop().create_future()
+            self.pending.append(future)
+            if len(self.pending) == self._expect:
+                self.expected.set()
+            await future
+        return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+    def answer(self, call: int) -> None:
+        self.pending[call].set_result(None)
+
+
+async def test_a_replica_back_in_service_takes_every_waiter_it_has_room_for() -> None:
+    """A probe's success brings a whole replica's capacity back: every request waiting
+    for a slot must look again, not one per later release (the others would sit there,
+    their attempt timeout running, next to free slots)."""
+    clock = FakeClock()
+    busy, back = Held("busy"), Held("back", expect=3)
+    rs = ReplicaSet([busy, back], name="set", clock=clock)
+    rs.replicas[0].limit, rs.replicas[1].limit = 1, 3
+    rs._take(rs.replicas[0])  # the busy replica's one slot, never released here
+    rs._eject(rs.replicas[1], clock.now)
+    clock.now += 5.0  # its backoff is over: the next request probes it
+    probe = asyncio.create_task(rs.generate(REQUEST))
+    await asyncio.sleep(0)
+    assert rs.replicas[1].probing
+    waiting = [asyncio.create_task(rs.generate(REQUEST)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(rs._waiters) == 2
+    back.answer(0)  # the probe succeeds
+    [c] = await probe
+    assert c.replica == "back" and rs.replicas[1].in_service
+    async with asyncio.timeout(5):  # a waiter left parked would hang here
+        await back.expected.wait()  # both waiters now run on the returned replica
+    back.answer(1)
+    back.answer(2)
+    results = await asyncio.gather(*waiting)
+    assert [c.replica for [c] in results] == ["back", "back"]
+    assert rs.replicas[1].outstanding == 0
+
+
+async def test_health_bringing_a_replica_back_wakes_the_waiters() -> None:
+    clock = FakeClock()
+    busy, back = Held("busy"), Held("back", instant=True)
+    rs = ReplicaSet([busy, back], name="set", clock=clock)
+    rs.replicas[0].limit, rs.replicas[1].limit = 1, 2
+    rs._take(rs.replicas[0])
+    rs._eject(rs.replicas[1], clock.now)
+    waiting = [asyncio.create_task(rs.generate(REQUEST)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(rs._waiters) == 2
+    health = await rs.health()
+    assert health.ok and rs.replicas[1].in_service
+    async with asyncio.timeout(5):  # the waiters would wait for a release that never comes
+        results = await asyncio.gather(*waiting)
+    assert [c.replica for [c] in results] == ["back", "back"]
