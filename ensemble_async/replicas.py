@@ -30,7 +30,9 @@ The rules:
   503) and bad requests never eject: they are about load or the request, not health.
 * **All out.** When every replica is out of service and no backoff has ended, the call
   fails at once with the class of the latest failure that ejected a replica (a
-  ``ConnectError`` when the servers refuse connections), as a single server's would.
+  ``ConnectError`` when the servers refuse connections), as a single server's would;
+  but never as a timeout (a ``ConnectError`` then): nothing was sent, and a timeout
+  would tell the member's adaptive limit that the server is overloaded.
 * **Timeouts.** The adapter's own timeout (``RequestTimeoutError``) ejects. A call the
   member cancels (its attempt timeout, or a straggler the ensemble no longer needs)
   ejects nothing, but when it ran longer than the replica's average it raises that
@@ -307,7 +309,11 @@ class ReplicaSet(BaseBackend):
 
     def _all_out(self) -> BackendError:
         last = self._last_error
-        cls: type[BackendError] = type(last) if last is not None else ConnectError
+        # Nothing was sent, so nothing timed out: a timeout's class would tell the
+        # member's adaptive limit "overloaded" on every instant failure.
+        cls: type[BackendError] = (
+            ConnectError if last is None or isinstance(last, RequestTimeoutError) else type(last)
+        )
         detail = f"; last: {last}" if last is not None else ""
         message = f"all {len(self.replicas)} replicas are out of service{detail}"
         try:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_async.admission import AdaptiveLimiter
 from ensemble_async.backend import BaseBackend
-from ensemble_async.errors import ConnectError, ServerError
+from ensemble_async.errors import BackendError, ConnectError, RequestTimeoutError, ServerError
 from ensemble_async.member import Member
 from ensemble_async.registry import create_backend
 from ensemble_async.replicas import ReplicaSet, replica_label
@@ -494,3 +495,26 @@ async def test_health_bringing_a_replica_back_wakes_the_waiters() -> None:
     async with asyncio.timeout(5):  # the waiters would wait for a release that never comes
         results = await asyncio.gather(*waiting)
     assert [c.replica for [c] in results] == ["back", "back"]
+
+
+async def test_failing_at_once_while_all_are_out_is_no_overload_signal() -> None:
+    """While every replica is out, calls fail without sending anything; even when the
+    replicas were ejected for timeouts, that must not keep halving the member's
+    adaptive limit (it would sit at its minimum when the servers come back)."""
+
+    class Hung(BaseBackend):
+        kind = "hung"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            raise RequestTimeoutError("no answer", backend=self.name)
+
+    rs = ReplicaSet([Hung(name="a"), Hung(name="b")], name="set", clock=FakeClock())
+    member = Member(rs, concurrency=AdaptiveLimiter(8, maximum=8), retry=fast_retries())
+    for _ in range(5):
+        with pytest.raises(BackendError):
+            await member.generate(REQUEST)
+    assert not any(r.in_service for r in rs.replicas)
+    assert sum(r.requests for r in rs.replicas) == 2  # one real timeout per replica
+    assert member.limiter.decreases == 2 and member.limiter.limit == 2
+    with pytest.raises(ConnectError, match=r"out of service; last: \[[ab]\] no answer"):
+        await rs.generate(REQUEST)
