@@ -21,7 +21,7 @@ from ensemble_async.retry import RetryPolicy
 from ensemble_async.testing.faults import Fault
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
-from ensemble_async.types import Completion, GenerationRequest, TextDelta
+from ensemble_async.types import BackendInfo, Completion, GenerationRequest, TextDelta
 
 REQUEST = GenerationRequest(prompt="hello", max_new_tokens=4)
 
@@ -518,3 +518,45 @@ async def test_failing_at_once_while_all_are_out_is_no_overload_signal() -> None
     assert member.limiter.decreases == 2 and member.limiter.limit == 2
     with pytest.raises(ConnectError, match=r"out of service; last: \[[ab]\] no answer"):
         await rs.generate(REQUEST)
+
+
+async def test_a_replica_back_in_service_has_its_limit_read_again() -> None:
+    """A replica that was down when the set read its facts, or that restarted with
+    another limit, must not keep an unknown (unbounded) or stale limit once it is back."""
+
+    class Restarting(BaseBackend):
+        kind = "restarting"
+
+        def __init__(self, name: str, limit: int) -> None:
+            super().__init__(name=name)
+            self.limit = limit
+            self.down = False
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+        async def info(self) -> BackendInfo:
+            if self.down:
+                raise ConnectError("refused", backend=self.name)
+            return BackendInfo(name=self.name, kind=self.kind, max_concurrency=self.limit)
+
+    clock = FakeClock()
+    up, late = Restarting("up", 4), Restarting("late", 4)
+    late.down = True
+    rs = ReplicaSet([up, late], name="set", clock=clock)
+    await rs.info()
+    assert [r.limit for r in rs.replicas] == [4, None]  # down at start: unknown
+    late.down = False
+    rs._eject(rs.replicas[1], clock.now)  # (it failed its calls meanwhile)
+    assert (await rs.health()).ok and rs.replicas[1].in_service
+    await asyncio.gather(*rs._relearning)
+    assert rs.replicas[1].limit == 4
+    # It restarts with a smaller limit; the probe after its backoff brings it back.
+    late.limit = 2
+    rs._eject(rs.replicas[1], clock.now)
+    clock.now += 5.0
+    [c] = await rs.generate(REQUEST)
+    assert c.replica == "late" and rs.replicas[1].in_service
+    await asyncio.gather(*rs._relearning)
+    assert rs.replicas[1].limit == 2
+    await rs.aclose()
