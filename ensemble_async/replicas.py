@@ -18,10 +18,11 @@ The rules:
   load spreads evenly across equal replicas and a slow replica gets proportionally fewer
   requests.
 * **Eligible.** In service, below its own concurrency limit (``max_concurrency`` from the
-  replica's ``info()``, read by :meth:`ReplicaSet.info`, which the member calls at start),
-  and not failed within the last ``avoid_s`` seconds when another one is available (so a
-  member's retry goes to another replica). When every replica in service is at its
-  limit, the request waits for a free slot.
+  replica's ``info()``, read by :meth:`ReplicaSet.info`, which the member calls at start,
+  and again whenever a replica comes back into service), and not failed within the last
+  ``avoid_s`` seconds when another one is available (so a member's retry goes to another
+  replica). When every replica in service is at its limit, the request waits for a free
+  slot.
 * **Ejection.** A replica whose call fails with a connection error, a server error (5xx)
   or a timeout is taken out of service for a backoff (``eject_s``, doubling up to
   ``eject_max_s`` while it keeps failing). When the backoff ends, exactly one request is
@@ -30,7 +31,9 @@ The rules:
   503) and bad requests never eject: they are about load or the request, not health.
 * **All out.** When every replica is out of service and no backoff has ended, the call
   fails at once with the class of the latest failure that ejected a replica (a
-  ``ConnectError`` when the servers refuse connections), as a single server's would.
+  ``ConnectError`` when the servers refuse connections), as a single server's would;
+  but never as a timeout (a ``ConnectError`` then): nothing was sent, and a timeout
+  would tell the member's adaptive limit that the server is overloaded.
 * **Timeouts.** The adapter's own timeout (``RequestTimeoutError``) ejects. A call the
   member cancels (its attempt timeout, or a straggler the ensemble no longer needs)
   ejects nothing, but when it ran longer than the replica's average it raises that
@@ -161,6 +164,7 @@ class ReplicaSet(BaseBackend):
         self._out = 0  # replicas out of service
         self._next_probe_at = float("inf")
         self._set_latency: float | None = None  # EWMA over all replicas
+        self._relearning: set[asyncio.Task[None]] = set()  # limits read again
 
     # -- construction ---------------------------------------------------------------------
 
@@ -307,7 +311,11 @@ class ReplicaSet(BaseBackend):
 
     def _all_out(self) -> BackendError:
         last = self._last_error
-        cls: type[BackendError] = type(last) if last is not None else ConnectError
+        # Nothing was sent, so nothing timed out: a timeout's class would tell the
+        # member's adaptive limit "overloaded" on every instant failure.
+        cls: type[BackendError] = (
+            ConnectError if last is None or isinstance(last, RequestTimeoutError) else type(last)
+        )
         detail = f"; last: {last}" if last is not None else ""
         message = f"all {len(self.replicas)} replicas are out of service{detail}"
         try:
@@ -324,12 +332,19 @@ class ReplicaSet(BaseBackend):
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    # Woken for a free slot, then cancelled before it could take it:
+                    # pass the turn on, or the next waiter may never be woken.
+                    self._wake(everyone=False)
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
     def _release(self, replica: Replica, started: float, error: BaseException | None) -> None:
         replica.outstanding -= 1
+        probe = replica.probing
         now = self._clock()
         if error is None:
             elapsed = now - started
@@ -340,8 +355,7 @@ class ReplicaSet(BaseBackend):
             # Only the probe brings a replica back: a late success of a call sent before
             # the ejection says little about the server now.
             if replica.probing:
-                replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
-                self._refresh_out()
+                self._back(replica)
         elif isinstance(error, BackendError) and error.retryable:
             replica.failures += 1
             replica.avoid_until = now + self.avoid_s
@@ -349,8 +363,7 @@ class ReplicaSet(BaseBackend):
                 self._last_error = error
                 self._eject(replica, now)
             elif replica.probing:  # an overloaded probe: the server is up, let it back
-                replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
-                self._refresh_out()
+                self._back(replica)
         else:
             if not isinstance(error, BackendError):
                 # Cancelled (a straggler the ensemble no longer needs, or the member's
@@ -365,19 +378,39 @@ class ReplicaSet(BaseBackend):
                 # server up. Let the next request decide, or put it back.
                 replica.probing = False
                 if isinstance(error, BackendError):
-                    replica.in_service, replica.backoff_s = True, 0.0
-                self._refresh_out()
-        self._wake(everyone=error is not None)
+                    self._back(replica)
+                else:
+                    self._refresh_out()
+        self._wake(everyone=probe or error is not None)
 
     def _wake(self, *, everyone: bool) -> None:
-        """Wake one request waiting for a slot, or all of them (after a failure the
-        replicas in service may have changed, and each must look again)."""
+        """Wake one request waiting for a slot, or all of them (after a failure or a
+        probe the replicas in service may have changed, and each must look again)."""
         while self._waiters:
             waiter = self._waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
                 if not everyone:
                     break
+
+    def _back(self, replica: Replica) -> None:
+        """Put ``replica`` back in service.  Once the set's facts have been read, its
+        limit is read again in the background: it may have restarted with another
+        one, or have been down when they were read (its limit then unknown)."""
+        replica.in_service, replica.probing, replica.backoff_s = True, False, 0.0
+        self._refresh_out()
+        if self._info is not None:
+            task = asyncio.get_running_loop().create_task(self._relearn(replica))
+            self._relearning.add(task)
+            task.add_done_callback(self._relearning.discard)
+
+    async def _relearn(self, replica: Replica) -> None:
+        try:
+            info = await info_of(replica.backend)
+        except Exception:  # it keeps the limit it had; its calls will tell the rest
+            return
+        replica.limit = info.max_concurrency
+        self._wake(everyone=True)  # a larger limit has room for waiting requests
 
     def _eject(self, replica: Replica, now: float) -> None:
         if replica.in_service or replica.probing:
@@ -444,14 +477,19 @@ class ReplicaSet(BaseBackend):
             *(health_of(r.backend) for r in self.replicas), return_exceptions=True
         )
         healthy = 0
-        for r, result in zip(self.replicas, results, strict=True):
-            if isinstance(result, Health) and result.ok:
-                healthy += 1
-                if not r.in_service and not r.probing:
-                    r.in_service, r.backoff_s = True, 0.0
-                    self._refresh_out()
-            elif isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result  # cancellation and the like
+        back = False
+        try:
+            for r, result in zip(self.replicas, results, strict=True):
+                if isinstance(result, Health) and result.ok:
+                    healthy += 1
+                    if not r.in_service and not r.probing:
+                        self._back(r)
+                        back = True
+                elif isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result  # cancellation and the like
+        finally:
+            if back:
+                self._wake(everyone=True)  # its slots are free: every waiter looks again
         detail = f"{healthy}/{len(self.replicas)} replicas healthy"
         return Health(ok=healthy > 0, latency_s=self._clock() - started, detail=detail)
 
@@ -495,6 +533,8 @@ class ReplicaSet(BaseBackend):
             self._owned.clear()
             for waiter in self._waiters:
                 waiter.cancel()
+            for task in list(self._relearning):
+                task.cancel()
 
 
 def _eligible(r: Replica, now: float) -> bool:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ensemble_async.admission import AdaptiveLimiter
 from ensemble_async.backend import BaseBackend
-from ensemble_async.errors import ConnectError, ServerError
+from ensemble_async.errors import BackendError, ConnectError, RequestTimeoutError, ServerError
 from ensemble_async.member import Member
 from ensemble_async.registry import create_backend
 from ensemble_async.replicas import ReplicaSet, replica_label
@@ -20,7 +21,7 @@ from ensemble_async.retry import RetryPolicy
 from ensemble_async.testing.faults import Fault
 from ensemble_async.testing.openai_double import OpenAIDouble
 from ensemble_async.testing.tgi_double import TGIDouble
-from ensemble_async.types import Completion, GenerationRequest, TextDelta
+from ensemble_async.types import BackendInfo, Completion, GenerationRequest, TextDelta
 
 REQUEST = GenerationRequest(prompt="hello", max_new_tokens=4)
 
@@ -396,3 +397,166 @@ async def test_an_untried_replica_is_tried_even_behind_a_fast_one() -> None:
     rs._set_latency = 5.0
     await rs.generate(GenerationRequest(prompt="x"))
     assert rs.replicas[1].requests == 1
+
+
+async def test_a_waiter_cancelled_just_after_its_wake_up_passes_the_turn_on() -> None:
+    """A request woken for a free slot but cancelled before it ran (the member's attempt
+    timeout, a straggler no longer needed) must wake the next waiter, or that one waits
+    for a release that never comes."""
+
+    class Quick(BaseBackend):
+        kind = "quick"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+    rs = ReplicaSet([Quick(name="a")], name="set")
+    rs.replicas[0].limit = 1
+    held = await rs._acquire(REQUEST)  # the one slot, taken
+    first = asyncio.create_task(rs.generate(REQUEST))
+    second = asyncio.create_task(rs.generate(REQUEST))
+    await asyncio.sleep(0)  # one step each: both find the slot taken and queue
+    assert len(rs._waiters) == 2
+    rs._release(held, 0.0, None)  # wakes `first` ...
+    first.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    async with asyncio.timeout(5):  # a lost wake-up would hang here
+        [c] = await second
+    assert c.text == "ok" and rs.replicas[0].outstanding == 0
+
+
+class Held(BaseBackend):
+    """Each call waits until the test answers it (``answer``); ``instant`` answers all."""
+
+    kind = "held"
+
+    def __init__(self, name: str, *, instant: bool = False, expect: int = 0) -> None:
+        super().__init__(name=name)
+        self.instant = instant
+        self.pending: list[asyncio.Future[None]] = []
+        self.expected = asyncio.Event()  # set once ``expect`` calls have arrived
+        self._expect = expect
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
+        if not self.instant:
+            future = asyncio.get_running_loop().create_future()
+            self.pending.append(future)
+            if len(self.pending) == self._expect:
+                self.expected.set()
+            await future
+        return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+    def answer(self, call: int) -> None:
+        self.pending[call].set_result(None)
+
+
+async def test_a_replica_back_in_service_takes_every_waiter_it_has_room_for() -> None:
+    """A probe's success brings a whole replica's capacity back: every request waiting
+    for a slot must look again, not one per later release (the others would sit there,
+    their attempt timeout running, next to free slots)."""
+    clock = FakeClock()
+    busy, back = Held("busy"), Held("back", expect=3)
+    rs = ReplicaSet([busy, back], name="set", clock=clock)
+    rs.replicas[0].limit, rs.replicas[1].limit = 1, 3
+    rs._take(rs.replicas[0])  # the busy replica's one slot, never released here
+    rs._eject(rs.replicas[1], clock.now)
+    clock.now += 5.0  # its backoff is over: the next request probes it
+    probe = asyncio.create_task(rs.generate(REQUEST))
+    await asyncio.sleep(0)
+    assert rs.replicas[1].probing
+    waiting = [asyncio.create_task(rs.generate(REQUEST)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(rs._waiters) == 2
+    back.answer(0)  # the probe succeeds
+    [c] = await probe
+    assert c.replica == "back" and rs.replicas[1].in_service
+    async with asyncio.timeout(5):  # a waiter left parked would hang here
+        await back.expected.wait()  # both waiters now run on the returned replica
+    back.answer(1)
+    back.answer(2)
+    results = await asyncio.gather(*waiting)
+    assert [c.replica for [c] in results] == ["back", "back"]
+    assert rs.replicas[1].outstanding == 0
+
+
+async def test_health_bringing_a_replica_back_wakes_the_waiters() -> None:
+    clock = FakeClock()
+    busy, back = Held("busy"), Held("back", instant=True)
+    rs = ReplicaSet([busy, back], name="set", clock=clock)
+    rs.replicas[0].limit, rs.replicas[1].limit = 1, 2
+    rs._take(rs.replicas[0])
+    rs._eject(rs.replicas[1], clock.now)
+    waiting = [asyncio.create_task(rs.generate(REQUEST)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(rs._waiters) == 2
+    health = await rs.health()
+    assert health.ok and rs.replicas[1].in_service
+    async with asyncio.timeout(5):  # the waiters would wait for a release that never comes
+        results = await asyncio.gather(*waiting)
+    assert [c.replica for [c] in results] == ["back", "back"]
+
+
+async def test_failing_at_once_while_all_are_out_is_no_overload_signal() -> None:
+    """While every replica is out, calls fail without sending anything; even when the
+    replicas were ejected for timeouts, that must not keep halving the member's
+    adaptive limit (it would sit at its minimum when the servers come back)."""
+
+    class Hung(BaseBackend):
+        kind = "hung"
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            raise RequestTimeoutError("no answer", backend=self.name)
+
+    rs = ReplicaSet([Hung(name="a"), Hung(name="b")], name="set", clock=FakeClock())
+    member = Member(rs, concurrency=AdaptiveLimiter(8, maximum=8), retry=fast_retries())
+    for _ in range(5):
+        with pytest.raises(BackendError):
+            await member.generate(REQUEST)
+    assert not any(r.in_service for r in rs.replicas)
+    assert sum(r.requests for r in rs.replicas) == 2  # one real timeout per replica
+    assert member.limiter.decreases == 2 and member.limiter.limit == 2
+    with pytest.raises(ConnectError, match=r"out of service; last: \[[ab]\] no answer"):
+        await rs.generate(REQUEST)
+
+
+async def test_a_replica_back_in_service_has_its_limit_read_again() -> None:
+    """A replica that was down when the set read its facts, or that restarted with
+    another limit, must not keep an unknown (unbounded) or stale limit once it is back."""
+
+    class Restarting(BaseBackend):
+        kind = "restarting"
+
+        def __init__(self, name: str, limit: int) -> None:
+            super().__init__(name=name)
+            self.limit = limit
+            self.down = False
+
+        async def generate(self, request: GenerationRequest) -> list[Completion]:
+            return [Completion(text="ok", finish_reason="stop", backend=self.name, latency_s=0)]
+
+        async def info(self) -> BackendInfo:
+            if self.down:
+                raise ConnectError("refused", backend=self.name)
+            return BackendInfo(name=self.name, kind=self.kind, max_concurrency=self.limit)
+
+    clock = FakeClock()
+    up, late = Restarting("up", 4), Restarting("late", 4)
+    late.down = True
+    rs = ReplicaSet([up, late], name="set", clock=clock)
+    await rs.info()
+    assert [r.limit for r in rs.replicas] == [4, None]  # down at start: unknown
+    late.down = False
+    rs._eject(rs.replicas[1], clock.now)  # (it failed its calls meanwhile)
+    assert (await rs.health()).ok and rs.replicas[1].in_service
+    await asyncio.gather(*rs._relearning)
+    assert rs.replicas[1].limit == 4
+    # It restarts with a smaller limit; the probe after its backoff brings it back.
+    late.limit = 2
+    rs._eject(rs.replicas[1], clock.now)
+    clock.now += 5.0
+    [c] = await rs.generate(REQUEST)
+    assert c.replica == "late" and rs.replicas[1].in_service
+    await asyncio.gather(*rs._relearning)
+    assert rs.replicas[1].limit == 2
+    await rs.aclose()
