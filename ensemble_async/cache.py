@@ -67,18 +67,14 @@ class CacheError(Exception):
     """The cache file cannot be opened, is not a response cache, or is closed."""
 
 
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace, UTF-8 text, no NaN/Infinity: one spelling per value."""
+def canonical_json(value: Any, *, allow_nan: bool = False) -> str:
+    """Sorted keys, no whitespace, UTF-8 text: one spelling per value.  No NaN/Infinity
+    unless ``allow_nan`` (a stored score: a server's ``-Infinity`` or ``NaN``
+    log-probability is kept as Python's JSON writes it, which ``json.loads`` reads back
+    as the same float)."""
     return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan
     )
-
-
-def _value_json(value: Any) -> str:
-    """A stored value: canonical, except that a number JSON cannot spell (a server's
-    ``-Infinity`` or ``NaN`` log-probability) is kept as Python's JSON writes it, which
-    ``json.loads`` reads back as the same float."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def cache_key(
@@ -312,7 +308,7 @@ class ResponseCache:
 
     async def put_scores(self, key: str, scores: list[CompletionScore]) -> None:
         """Store ``scores`` under ``key``; returns once the entry is committed."""
-        value = _value_json(
+        value = canonical_json(
             [
                 {
                     "text": s.text,
@@ -322,7 +318,8 @@ class ResponseCache:
                     "model": s.model,
                 }
                 for s in scores
-            ]
+            ],
+            allow_nan=True,
         )
         await self._run(self._put, key, value, shield=True)
 
