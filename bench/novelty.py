@@ -36,7 +36,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-from ensemble_async.rouge import NoveltyFilter
+import numpy as np
+
+from ensemble_async.rouge import _BOUND_EPS, _SCALAR_BATCH, NoveltyFilter, _Query
 
 THRESHOLD = 0.7
 VOCAB_SIZE = 30_000
@@ -171,6 +173,31 @@ class PreviousEngine(NoveltyFilter):
         if query.length == 0 or not self._texts:
             return True
         return self._max_pruned(query, stop_above=self.threshold) <= self.threshold
+
+    def _max_pruned(self, query: _Query, stop_above: float) -> float:
+        """Whether some entry scores above ``stop_above``, by bound-pruned scoring that
+        stops at the first such score: the result is exact only in how it compares with
+        ``stop_above``."""
+        all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
+        entries = np.flatnonzero((all_bounds >= stop_above - _BOUND_EPS) & (all_bounds > 0.0))
+        bounds = all_bounds[entries]
+        order = np.argsort(-bounds, kind="stable")
+        entries, bounds = entries[order], bounds[order]
+        n = len(entries)
+        head = min(n, _SCALAR_BATCH)
+        best = 0.0
+        for k in range(head):
+            if bounds[k] < max(best, stop_above) - _BOUND_EPS:
+                return best
+            best = max(best, self._score(query, int(entries[k])))
+            if best > stop_above:
+                return best
+        if head == n:
+            return best
+        rest = entries[head:][bounds[head:] >= max(best, stop_above) - _BOUND_EPS]
+        if len(rest) == 0:
+            return best
+        return max(best, float(self._score_many(query, rest).max()))
 
 
 def run_windows(

@@ -654,32 +654,6 @@ class NoveltyFilter:
                     return best  # every pair above the threshold is a candidate
         return self._best(query)[0]
 
-    def _max_pruned(self, query: _Query, stop_above: float) -> float:
-        """Whether some entry scores above ``stop_above``, by bound-pruned scoring that
-        stops at the first such score: the result is exact only in how it compares with
-        ``stop_above``. (The decision method before prefix filtering; ``bench/novelty.py``
-        measures against it.)"""
-        all_bounds = 2.0 * self._shared(query) / (query.length + self._lens_np)
-        entries = np.flatnonzero((all_bounds >= stop_above - _BOUND_EPS) & (all_bounds > 0.0))
-        bounds = all_bounds[entries]
-        order = np.argsort(-bounds, kind="stable")
-        entries, bounds = entries[order], bounds[order]
-        n = len(entries)
-        head = min(n, _SCALAR_BATCH)
-        best = 0.0
-        for k in range(head):
-            if bounds[k] < max(best, stop_above) - _BOUND_EPS:
-                return best
-            best = max(best, self._score(query, int(entries[k])))
-            if best > stop_above:
-                return best
-        if head == n:
-            return best
-        rest = entries[head:][bounds[head:] >= max(best, stop_above) - _BOUND_EPS]
-        if len(rest) == 0:
-            return best
-        return max(best, float(self._score_many(query, rest).max()))
-
     def similarities(self, text: str) -> list[float]:
         """Exact ROUGE-L of ``text`` against every pool entry, in pool order."""
         query = self._query(text)
