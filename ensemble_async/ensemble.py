@@ -33,7 +33,7 @@ from .scoring import CompletionScore, ScoreRequest
 from .selection import FitChoice, SelectionConfig, choose
 from .types import Completion, GenerationRequest
 
-__all__ = ["Candidate", "Decide", "Ensemble", "EnsembleResult", "Item"]
+__all__ = ["Candidate", "Decide", "Ensemble", "EnsembleResult", "Item", "unavailable"]
 
 Item: TypeAlias = str | GenerationRequest | Sequence[GenerationRequest]
 """A prompt, one request for every member, or one request per member (in member order)."""
@@ -46,6 +46,13 @@ context too long); ``unavailable``: the member could not answer (retries spent o
 timeouts, refused connections, 5xx, 429; credentials refused; model not found);
 ``circuit_open``: its breaker refused; ``cancelled``: not needed any more (decided
 without it, or past the deadline)."""
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error says the member is unavailable (its breaker is open, or
+    ``errors.cannot_serve``: it decides nothing) rather than that the request itself is
+    bad."""
+    return isinstance(exc, CircuitOpenError) or cannot_serve(exc)
 
 
 @dataclass(frozen=True)
@@ -438,7 +445,7 @@ class Ensemble:
             try:
                 got = await self.target.score(ask)
             except (RetryableError, CircuitOpenError, FatalError) as exc:
-                if isinstance(exc, CircuitOpenError) or cannot_serve(exc):
+                if unavailable(exc):
                     return FitChoice(
                         None,
                         None,

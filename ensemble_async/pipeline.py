@@ -86,8 +86,8 @@ from urllib.parse import urlsplit
 from . import __version__
 from .breaker import CircuitOpenError
 from .consensus import Selection, select
-from .ensemble import Candidate, Decide, Ensemble
-from .errors import BackendError, cannot_serve
+from .ensemble import Candidate, Decide, Ensemble, unavailable
+from .errors import BackendError
 from .filters import (
     ParsedInstance,
     Rejection,
@@ -198,12 +198,6 @@ def derive_seed(*parts: Any) -> int:
 
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def unavailable(exc: BaseException) -> bool:
-    """Whether an error says the member is unavailable (decides nothing) rather than
-    that the request itself is bad."""
-    return isinstance(exc, CircuitOpenError) or cannot_serve(exc)
 
 
 def _candidate_unavailable(c: Candidate) -> bool:
